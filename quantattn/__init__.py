@@ -1,0 +1,28 @@
+"""quantattn: quantized attention (SageAttention 1, 2 and 2++) for PyTorch."""
+
+from quantattn.api import (
+    default_config,
+    sageattn,
+    sageattn_qk_int8_pv_fp8_cuda,
+    sageattn_qk_int8_pv_fp8_cuda_sm90,
+    sageattn_qk_int8_pv_fp8_triton,
+    sageattn_qk_int8_pv_fp16_cuda,
+    sageattn_qk_int8_pv_fp16_triton,
+    sageattn_varlen,
+)
+from quantattn.config import VARIANTS, QuantConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantConfig",
+    "VARIANTS",
+    "default_config",
+    "sageattn",
+    "sageattn_qk_int8_pv_fp16_cuda",
+    "sageattn_qk_int8_pv_fp16_triton",
+    "sageattn_qk_int8_pv_fp8_cuda",
+    "sageattn_qk_int8_pv_fp8_cuda_sm90",
+    "sageattn_qk_int8_pv_fp8_triton",
+    "sageattn_varlen",
+]

@@ -1,0 +1,192 @@
+"""Public API, name-compatible with the official `sageattention` package.
+
+Every public function builds one QuantConfig and one AttentionCall and hands them to a backend.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from quantattn import validation as V
+from quantattn.backends import AttentionCall, select_backend
+from quantattn.config import PV_ACCUMS, QuantConfig
+
+# keyword name (official package's where it has one) -> QuantConfig field
+CONFIG_KEYWORDS = {
+    "qk_quant_dtype": "qk_dtype",
+    "qk_quant_gran": "qk_granularity",
+    "pv_dtype": "pv_dtype",
+    "pv_accum_dtype": "pv_accum",
+    "smooth_k": "smooth_k",
+    "smooth_q": "smooth_q",
+    "smooth_v": "smooth_v",
+}
+
+_warned_cpu = False
+
+
+def default_config(device: torch.device) -> QuantConfig:
+    """SageAttention2 (INT8 QK per thread, FP8 PV, two-level accumulation) where FP8 runs, else SageAttention."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return QuantConfig(pv_dtype="fp16", pv_accum="fp32")
+    return QuantConfig()
+
+
+def resolve_config(device: torch.device, config: QuantConfig | None, options: dict) -> QuantConfig:
+    unknown = sorted(set(options) - set(CONFIG_KEYWORDS))
+    if unknown:
+        raise TypeError(
+            f"unknown keyword argument(s) {', '.join(unknown)}; accepted: config, backend, "
+            + ", ".join(CONFIG_KEYWORDS)
+        )
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a quantattn.QuantConfig, got {type(config).__name__}")
+    base = config if config is not None else default_config(device)
+    changes = {CONFIG_KEYWORDS[key]: value for key, value in options.items() if value is not None}
+    if "pv_accum" in changes and "pv_dtype" not in changes and changes["pv_accum"] not in PV_ACCUMS[base.pv_dtype]:
+        # an accumulator that only one PV precision has names that precision
+        owners = [pv for pv, accums in PV_ACCUMS.items() if changes["pv_accum"] in accums]
+        if len(owners) == 1:
+            changes["pv_dtype"] = owners[0]
+    if changes.get("pv_dtype", base.pv_dtype) != base.pv_dtype and "pv_accum" not in changes:
+        changes["pv_accum"] = PV_ACCUMS[changes["pv_dtype"]][0]
+    return base.replace(**changes) if changes else base
+
+
+def _run(call: AttentionCall, backend: str) -> None:
+    global _warned_cpu
+    chosen = select_backend(call, backend)
+    if chosen.name == "reference" and call.q.device.type == "cpu" and not _warned_cpu:
+        _warned_cpu = True
+        warnings.warn(
+            "quantattn: CPU tensors run the pure-PyTorch reference of the quantized kernels: correct, slow; "
+            "speed needs an NVIDIA GPU",
+            stacklevel=3,
+        )
+    chosen.forward(call)
+
+
+def sageattn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tensor_layout: str = "HND",
+    is_causal: bool = False,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    config: QuantConfig | None = None,
+    backend: str = "auto",
+    **options,
+):
+    """Quantized attention softmax(sm_scale * q k^T) v, a drop-in for the official `sageattn`.
+
+    q: [B, Hq, Nq, d] ("HND") or [B, Nq, Hq, d] ("NHD"); k, v: [B, Hkv, Nk, d] likewise, with Hq a
+    multiple of Hkv (grouped-query attention). float16 or bfloat16; head_dim 1..256. Causal masking is
+    bottom-right aligned when Nq != Nk (query i sees keys j <= i + Nk - Nq; rows that see no key give 0).
+    Options: qk_quant_dtype ("int8", "int4"), qk_quant_gran, pv_dtype ("fp8", "fp16", "bf16"),
+    pv_accum_dtype, smooth_k, smooth_q, smooth_v, or a whole `config`; backend "auto", "triton", "reference".
+    Returns the output in q's layout and dtype, and with return_lse the float32 natural-log logsumexp
+    [B, Hq, Nq] of the full-precision-equivalent scores.
+    """
+    V.check_layout(tensor_layout)
+    V.check_qkv(q, k, v, 4, "[B, H, N, d] for 'HND', [B, N, H, d] for 'NHD'")
+    for name, value in (("is_causal", is_causal), ("return_lse", return_lse)):
+        V.check_flag(name, value)
+    V.check_sm_scale(sm_scale)
+    to_hnd = (lambda t: t) if tensor_layout == "HND" else (lambda t: t.transpose(1, 2))
+    qh, kh, vh = to_hnd(q), to_hnd(k), to_hnd(v)
+    V.check_heads_and_dims(qh.shape, kh.shape, vh.shape)
+    cfg = resolve_config(q.device, config, options)
+    b, hq, nq, d = qh.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device) if return_lse else None
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
+    call = AttentionCall(qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse)
+    if out.numel():
+        _run(call, backend)
+    elif return_lse and lse.numel():
+        lse.fill_(-math.inf)  # heads with no keys
+    return (out, lse) if return_lse else out
+
+
+def sageattn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool = False,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    config: QuantConfig | None = None,
+    backend: str = "auto",
+    **options,
+):
+    """Quantized attention over packed sequences, like flash-attn's varlen API.
+
+    q: [total_q, Hq, d], k, v: [total_k, Hkv, d]; sequence i is rows cu_seqlens_q[i]:cu_seqlens_q[i+1]
+    of q attending rows cu_seqlens_k[i]:cu_seqlens_k[i+1] of k and v. Each sequence is smoothed and
+    quantized on its own, exactly as if it were called alone. Returns [total_q, Hq, d] and, with
+    return_lse, the float32 logsumexp [Hq, total_q].
+    """
+    V.check_qkv(q, k, v, 3, "[total_tokens, H, d]")
+    for name, value in (("is_causal", is_causal), ("return_lse", return_lse)):
+        V.check_flag(name, value)
+    V.check_sm_scale(sm_scale)
+    to_hnd = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  [total, H, d] -> [1, H, total, d]
+    qh, kh, vh = to_hnd(q), to_hnd(k), to_hnd(v)
+    V.check_heads_and_dims(qh.shape[1:], kh.shape[1:], vh.shape[1:])
+    V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, max_seqlen_q, "max_seqlen_q")
+    V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel() - 1, max_seqlen_k, "max_seqlen_k")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {cu.device}")
+    cfg = resolve_config(q.device, config, options)
+    hq, total_q, d = qh.shape[1:]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(1, hq, total_q, dtype=torch.float32, device=q.device) if return_lse else None
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
+    call = AttentionCall(
+        qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse,
+        cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+    )  # fmt: skip
+    if out.numel():
+        _run(call, backend)
+    return (out, lse[0]) if return_lse else out
+
+
+def _explicit(doc: str, **fixed):
+    """An official-package entry point: sageattn with some options fixed, the rest as keywords."""
+
+    def variant(
+        q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False, **options
+    ):
+        options.pop("quantization_backend", None)  # official Triton-vs-CUDA quantization choice; one path here
+        return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, **{**fixed, **options})
+
+    variant.__doc__ = doc
+    return variant
+
+
+sageattn_qk_int8_pv_fp16_triton = _explicit(
+    "SageAttention: INT8 QK per block, FP16 PV with an FP32 accumulator, smooth K.",
+    qk_quant_dtype="int8", qk_quant_gran="per_block", pv_dtype="fp16", pv_accum_dtype="fp32",
+)  # fmt: skip
+sageattn_qk_int8_pv_fp16_cuda = _explicit(
+    "SageAttention with the official CUDA entry's defaults (per-thread INT8 QK, FP16 PV, FP32 accumulator); "
+    "runs quantattn's Triton kernels.",
+    qk_quant_dtype="int8", pv_dtype="fp16", pv_accum_dtype="fp32", qk_quant_gran="per_thread",
+)  # fmt: skip
+sageattn_qk_int8_pv_fp8_cuda = _explicit(
+    "SageAttention2: per-thread INT8 QK, FP8 PV with two-level FP32 accumulation; runs quantattn's Triton kernels.",
+    qk_quant_dtype="int8", pv_dtype="fp8", pv_accum_dtype="fp32+fp32", qk_quant_gran="per_thread",
+)  # fmt: skip
+sageattn_qk_int8_pv_fp8_cuda_sm90 = sageattn_qk_int8_pv_fp8_cuda
+sageattn_qk_int8_pv_fp8_triton = sageattn_qk_int8_pv_fp8_cuda

@@ -1,0 +1,134 @@
+"""Backends declare what they can run; dispatch takes the first one with no reason to refuse a call."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from quantattn.config import QuantConfig
+from quantattn.reference.attention import LN2, sage_attention_reference
+
+
+@dataclass
+class AttentionCall:
+    """One attention call, in HND views ([B, H, N, d]); varlen packs all sequences into B = 1."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cfg: QuantConfig
+    is_causal: bool
+    sm_scale: float
+    out: torch.Tensor  # HND view the backend writes
+    lse: torch.Tensor | None  # [B, Hq, Nq] float32 the backend writes, natural log
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class ReferenceBackend:
+    """The pure-PyTorch specification: any device, slow."""
+
+    name = "reference"
+
+    def reasons(self, call: AttentionCall) -> list[str]:
+        return []
+
+    def forward(self, call: AttentionCall) -> None:
+        if not call.is_varlen:
+            self._dense(call, call.q, call.k, call.v, call.out, call.lse)
+            return
+        cq, ck = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
+        for i in range(len(cq) - 1):
+            rows, keys = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+            lse = call.lse[:, :, rows] if call.lse is not None else None
+            self._dense(call, call.q[:, :, rows], call.k[:, :, keys], call.v[:, :, keys], call.out[:, :, rows], lse)
+
+    @staticmethod
+    def _dense(call, q, k, v, out, lse):
+        if q.shape[2] == 0:
+            return
+        if k.shape[2] == 0:
+            out.zero_()
+            if lse is not None:
+                lse.fill_(float("-inf"))
+            return
+        res = sage_attention_reference(q, k, v, call.cfg, call.is_causal, call.sm_scale, lse is not None)
+        if lse is not None:
+            out.copy_(res[0])
+            lse.copy_(res[1])
+        else:
+            out.copy_(res)
+
+
+class TritonBackend:
+    """The Triton kernels: NVIDIA GPUs of compute capability 8.0 and newer (FP8 PV: 8.9 and newer)."""
+
+    name = "triton"
+    min_capability = (8, 0)
+    fp8_capability = (8, 9)
+
+    def reasons(self, call: AttentionCall) -> list[str]:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return ["triton is not installed"]
+        dev = call.q.device
+        if dev.type != "cuda":
+            if dev.type == "cpu" and interpreter_active():
+                return []
+            return [f"needs CUDA tensors (got {dev.type}; TRITON_INTERPRET=1 runs it on the CPU)"]
+        cap = torch.cuda.get_device_capability(dev)
+        if cap < self.min_capability:
+            return [f"needs compute capability >= 8.0, this GPU has {cap[0]}.{cap[1]}"]
+        if call.cfg.is_fp8_pv and cap < self.fp8_capability:
+            return [
+                f"FP8 PV needs compute capability >= 8.9 (Ada, Hopper), this GPU has {cap[0]}.{cap[1]}; "
+                "use pv_dtype='fp16'"
+            ]
+        return []
+
+    def forward(self, call: AttentionCall) -> None:
+        from quantattn.kernels.launch import sage_forward
+
+        sage_forward(call)
+
+
+BACKENDS = {"triton": TritonBackend(), "reference": ReferenceBackend()}
+
+
+def select_backend(call: AttentionCall, requested: str):
+    if requested not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
+    if requested != "auto":
+        backend = BACKENDS[requested]
+        reasons = backend.reasons(call)
+        if reasons:
+            raise RuntimeError(f"backend {requested!r} cannot run this call: {'; '.join(reasons)}")
+        return backend
+    if call.q.device.type == "cpu":
+        return BACKENDS["reference"]
+    refusals = []
+    for name in ("triton",):
+        reasons = BACKENDS[name].reasons(call)
+        if not reasons:
+            return BACKENDS[name]
+        refusals.append(f"{name}: {'; '.join(reasons)}")
+    raise RuntimeError(
+        "no quantattn kernel can run this call on "
+        f"{call.q.device} ({' | '.join(refusals)}); backend='reference' runs the slow PyTorch version"
+    )
+
+
+__all__ = ["AttentionCall", "BACKENDS", "LN2", "ReferenceBackend", "TritonBackend", "select_backend"]

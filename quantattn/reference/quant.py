@@ -1,0 +1,107 @@
+"""Quantization primitives, in float32 exactly as the Triton kernels compute them.
+
+Conventions shared with the kernels (quantattn/kernels/quant.py):
+- integer rounding is round-half-to-even of `x * (qmax / amax)`;
+- statistics (means, maxima) ignore non-finite elements, so a NaN in one row cannot spread through a
+  shared scale to rows that never saw it; the API marks such rows itself;
+- a group whose elements are all zero gets the scale of `AMAX_FLOOR`, so it quantizes to zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantattn import config as C
+
+AMAX_FLOOR = 1e-30
+
+
+def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def finite_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean over `dim` of the finite elements' values, counting non-finite ones as zero."""
+    n = x.shape[dim]
+    if n == 0:
+        return torch.zeros_like(x.sum(dim))
+    return finite_or_zero(x.float()).sum(dim) / n
+
+
+def _pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    n = x.shape[-2]
+    pad = (-n) % multiple
+    return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def row_group_amax(x: torch.Tensor, granularity: str, role: str) -> torch.Tensor:
+    """Per-row absolute maximum of the row's scale group; x is [..., N, d], returns [..., N].
+
+    role "q" or "k": the two operands group their rows differently (see config.py).
+    """
+    n = x.shape[-2]
+    a = finite_or_zero(x.float()).abs()
+    lead = a.shape[:-2]
+    if granularity == "per_token":
+        return a.amax(-1) if a.shape[-1] else a.new_zeros(a.shape[:-1])
+    if granularity == "per_tensor":
+        m = a.flatten(-2).amax(-1, keepdim=True) if a.numel() else a.new_zeros(*lead, 1)
+        return m.expand(*lead, n)
+    if role == "q" and granularity in ("per_block", "per_warp"):
+        rows = C.Q_BLOCK_ROWS if granularity == "per_block" else C.Q_WARP_ROWS
+        g = _pad_rows(a, rows).unflatten(-2, (-1, rows)).amax(dim=(-1, -2), keepdim=True)
+        return g.expand(*g.shape[:-2], rows, 1).flatten(-3)[..., :n]
+    if role == "q" and granularity == "per_thread":
+        # rows {r, r+8} of each 16-row tile share a scale: view tile rows as (2, 8).
+        t = _pad_rows(a, C.Q_THREAD_TILE).unflatten(-2, (-1, 2, 8))
+        g = t.amax(dim=(-1, -3), keepdim=True)  # [..., tiles, 1, 8, 1]
+        return g.expand(*g.shape[:-3], 2, 8, 1).flatten(-4)[..., :n]
+    if role == "k" and granularity in ("per_block", "per_warp"):
+        rows = C.K_BLOCK_KEYS
+        g = _pad_rows(a, rows).unflatten(-2, (-1, rows)).amax(dim=(-1, -2), keepdim=True)
+        return g.expand(*g.shape[:-2], rows, 1).flatten(-3)[..., :n]
+    if role == "k" and granularity == "per_thread":
+        # key n = 8j + 2c + t of a 64-key block belongs to group c: a thread's B-fragment columns.
+        t = _pad_rows(a, C.K_BLOCK_KEYS).unflatten(-2, (-1, 8, 4, 2))
+        g = t.amax(dim=(-1, -2, -4), keepdim=True)  # [..., blocks, 1, 4, 1, 1]
+        return g.expand(*g.shape[:-4], 8, 4, 2, 1).flatten(-5)[..., :n]
+    raise ValueError(f"unknown granularity {granularity!r} for role {role!r}")
+
+
+def quantize_int(x: torch.Tensor, amax: torch.Tensor, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric integer quantization with one scale per row; x [..., N, d], amax [..., N].
+
+    Returns (integer values held in float32, per-row scale) with x ~= values * scale.
+    A row holding a non-finite element gets a NaN scale, so that NaN reaches exactly the scores
+    that row takes part in, as it would in full precision.
+    """
+    amax = amax.float().clamp_min(AMAX_FLOOR)
+    inv = qmax / amax
+    q = torch.round(finite_or_zero(x.float()) * inv[..., None]).clamp(-qmax, qmax)
+    scale = amax / qmax
+    row_finite = torch.isfinite(x).all(-1) if x.shape[-1] else torch.ones_like(scale, dtype=torch.bool)
+    return q, torch.where(row_finite, scale, torch.full_like(scale, float("nan")))
+
+
+def round_to_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Nearest E4M3 value (ties to even), saturating at +-448; NaN and +-Inf become NaN."""
+    clamped = x.float().clamp(-C.FP8_MAX, C.FP8_MAX)
+    y = clamped.to(torch.float8_e4m3fn).float()
+    return torch.where(torch.isfinite(x), y, torch.full_like(y, float("nan")))
+
+
+def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+def round_to_fp22(x: torch.Tensor) -> torch.Tensor:
+    """Model of the FP8 MMA's accumulator on Ada/Hopper: FP32 cut to 13 mantissa bits (toward zero)."""
+    return (x.float().view(torch.int32) & ~0x3FF).view(torch.float32)
+
+
+def quantize_v_fp8(v: torch.Tensor, v_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel FP8 quantization of V [..., N, d]: returns (values in float32, scale [..., d])."""
+    amax = finite_or_zero(v.float()).abs().amax(-2) if v.shape[-2] else v.new_zeros(v.shape[:-2] + v.shape[-1:])
+    amax = amax.clamp_min(AMAX_FLOOR)
+    inv = v_range / amax
+    return round_to_fp8_e4m3(v.float() * inv[..., None, :]), amax / v_range
