@@ -81,13 +81,13 @@ class TritonBackend:
 
     def reasons(self, call: AttentionCall) -> list[str]:
         try:
-            import triton  # noqa: F401
-        except ImportError:
-            return ["triton is not installed"]
+            from quantattn.kernels.launch import unsupported
+        except ImportError as e:
+            return [f"triton is not importable ({e})"]
         dev = call.q.device
         if dev.type != "cuda":
             if dev.type == "cpu" and interpreter_active():
-                return []
+                return unsupported(call)
             return [f"needs CUDA tensors (got {dev.type}; TRITON_INTERPRET=1 runs it on the CPU)"]
         cap = torch.cuda.get_device_capability(dev)
         if cap < self.min_capability:
@@ -97,7 +97,7 @@ class TritonBackend:
                 f"FP8 PV needs compute capability >= 8.9 (Ada, Hopper), this GPU has {cap[0]}.{cap[1]}; "
                 "use pv_dtype='fp16'"
             ]
-        return []
+        return unsupported(call)
 
     def forward(self, call: AttentionCall) -> None:
         from quantattn.kernels.launch import sage_forward

@@ -16,6 +16,12 @@ from quantattn import config as C
 AMAX_FLOOR = 1e-30
 
 
+def ieee_div(numerator: float, t: torch.Tensor) -> torch.Tensor:
+    """numerator / t rounded once, as a GPU's div.rn.f32 does (PyTorch computes `float / tensor`
+    as `float * reciprocal(tensor)`, which rounds twice)."""
+    return torch.full_like(t, numerator) / t
+
+
 def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -76,7 +82,7 @@ def quantize_int(x: torch.Tensor, amax: torch.Tensor, qmax: float) -> tuple[torc
     that row takes part in, as it would in full precision.
     """
     amax = amax.float().clamp_min(AMAX_FLOOR)
-    inv = qmax / amax
+    inv = ieee_div(qmax, amax)
     q = torch.round(finite_or_zero(x.float()) * inv[..., None]).clamp(-qmax, qmax)
     scale = amax / qmax
     row_finite = torch.isfinite(x).all(-1) if x.shape[-1] else torch.ones_like(scale, dtype=torch.bool)
@@ -103,5 +109,5 @@ def quantize_v_fp8(v: torch.Tensor, v_range: float) -> tuple[torch.Tensor, torch
     """Per-channel FP8 quantization of V [..., N, d]: returns (values in float32, scale [..., d])."""
     amax = finite_or_zero(v.float()).abs().amax(-2) if v.shape[-2] else v.new_zeros(v.shape[:-2] + v.shape[-1:])
     amax = amax.clamp_min(AMAX_FLOOR)
-    inv = v_range / amax
+    inv = ieee_div(v_range, amax)
     return round_to_fp8_e4m3(v.float() * inv[..., None, :]), amax / v_range

@@ -1,0 +1,221 @@
+"""Launchers: buffers, grids and constexpr flags for the Triton kernels. No numerics live here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from quantattn import config as C
+from quantattn.config import QuantConfig
+from quantattn.kernels import attention as A
+from quantattn.kernels.attention import sage_attention_kernel
+from quantattn.kernels.quant import quantize_kv_kernel, token_stats_kernel
+from quantattn.reference.attention import LOG2E
+
+BLOCK_N = 64  # keys per online-softmax step; part of the numerics (the reference uses the same)
+STATS_BLOCK = 64
+GRAN_CODE = {name: i for i, name in enumerate(C.QK_GRANULARITIES)}
+PV_MODE = {
+    ("fp8", "fp32+fp32"): A.PV_F8_TWO_LEVEL,
+    ("fp8", "fp32"): A.PV_F8_ONE_LEVEL,
+    ("fp8", "fp32+fp16"): A.PV_F8_ACC16,
+    ("fp16", "fp32"): A.PV_F16_ACC32,
+    ("fp16", "fp16+fp32"): A.PV_F16_ACC16,
+    ("bf16", "fp32"): A.PV_F16_ACC32,
+}
+PV_TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def exact_casts(device: torch.device) -> bool:
+    """Round to E4M3 in integer arithmetic before the cast: needed under the interpreter (see common.py)."""
+    return device.type == "cpu" or os.environ.get("QUANTATTN_EXACT_CASTS", "0") == "1"
+
+
+def head_dim_pad(d: int) -> int:
+    return max(32, triton.next_power_of_2(d))
+
+
+@dataclass
+class Sequences:
+    """How the rows of an HND view split into sequences: dense batches, or packed varlen ones."""
+
+    count: int
+    n_dense: int  # sequence length of a dense call; 0 for varlen
+    max_len: int
+    cu_seqlens: torch.Tensor | None
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+@dataclass
+class QuantizedKV:
+    """K and V after preprocessing, ready for the attention kernel (reusable across queries)."""
+
+    k: torch.Tensor  # int8 [B, Hkv, N, d]
+    k_scale: torch.Tensor  # float32 [B, Hkv, N] (NaN for keys with a non-finite element)
+    v: torch.Tensor  # FP8 [B, Hkv, d, N_pad] / smoothed V in the PV dtype / the caller's V
+    v_transposed: bool
+    k_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, max, min [S, Hkv, d]
+    v_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    cfg: QuantConfig
+    seqs: Sequences
+
+
+def token_stats(x: torch.Tensor, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, max and min over tokens of the finite elements, per (sequence, head, channel)."""
+    _, h, _, d = x.shape
+    stats = torch.empty(3, seqs.count, h, d, dtype=torch.float32, device=x.device)
+    if seqs.count * h:
+        token_stats_kernel[(seqs.count * h,)](
+            x, x.stride(0), x.stride(1), x.stride(2),
+            _cu(seqs, x), seqs.n_dense, h, stats[0], stats[1], stats[2],
+            HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=STATS_BLOCK, IS_VARLEN=seqs.is_varlen,
+        )  # fmt: skip
+    return stats[0], stats[1], stats[2]
+
+
+def _cu(seqs: Sequences, like: torch.Tensor) -> torch.Tensor:
+    return seqs.cu_seqlens if seqs.cu_seqlens is not None else like
+
+
+def _check_strides(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows with arbitrary strides but want the channel stride 1."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences) -> QuantizedKV:
+    """Smooth and quantize K (and V, for FP8 PV or smooth V): two passes over each."""
+    k, v = _check_strides("k", k), _check_strides("v", v)
+    b, h, n, d = k.shape
+    k_stats = token_stats(k, seqs)
+    v_stats = token_stats(v, seqs) if (cfg.is_fp8_pv or cfg.smooth_v) else k_stats
+    kq = torch.empty(b, h, n, d, dtype=torch.int8, device=k.device)
+    k_scale = torch.empty(b, h, n, dtype=torch.float32, device=k.device)
+    if cfg.is_fp8_pv:
+        n_pad = triton.cdiv(max(n, 1), 16) * 16  # 16-byte aligned rows of the transposed V
+        vq = torch.empty(b, h, d, n_pad, dtype=torch.float8_e4m3fn, device=k.device)
+        v_mode, vq_strides = 1, (vq.stride(0), vq.stride(1), 1, vq.stride(2))
+    elif cfg.smooth_v:
+        vq = torch.empty(b, h, n, d, dtype=PV_TORCH_DTYPE[cfg.pv_dtype], device=k.device)
+        v_mode, vq_strides = 2, (vq.stride(0), vq.stride(1), vq.stride(2), 1)
+    else:
+        vq, v_mode, vq_strides = v, 0, (v.stride(0), v.stride(1), v.stride(2), 1)
+    if seqs.count * h and seqs.max_len:
+        grid = (triton.cdiv(seqs.max_len, BLOCK_N), seqs.count * h)
+        quantize_kv_kernel[grid](
+            k, k.stride(0), k.stride(1), k.stride(2),
+            v, v.stride(0), v.stride(1), v.stride(2),
+            _cu(seqs, k), seqs.n_dense, h,
+            *k_stats, *v_stats,
+            kq, kq.stride(0), kq.stride(1), kq.stride(2),
+            k_scale, k_scale.stride(0), k_scale.stride(1),
+            vq, *vq_strides,
+            GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k,
+            V_MODE=v_mode, SMOOTH_V=cfg.smooth_v, V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0,
+            EXACT_CASTS=exact_casts(k.device),
+            HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=BLOCK_N, IS_VARLEN=seqs.is_varlen,
+        )  # fmt: skip
+    return QuantizedKV(kq, k_scale, vq, cfg.is_fp8_pv, k_stats, v_stats, cfg, seqs)
+
+
+def _smooth_q_terms(q: torch.Tensor, kv: QuantizedKV, k: torch.Tensor, qk_scale: float):
+    """Block means of Q and the score correction mean(Q_block) . (K - mean K), in float32 (dense only)."""
+    b, hq, nq, d = q.shape
+    rows = C.Q_BLOCK_ROWS
+    nb = triton.cdiv(nq, rows)
+    q32 = q.float()
+    q32 = torch.where(torch.isfinite(q32), q32, 0.0)
+    q32 = torch.nn.functional.pad(q32, (0, 0, 0, nb * rows - nq))
+    counts = (nq - torch.arange(nb, device=q.device) * rows).clamp(max=rows).float()
+    means = (q32.view(b, hq, nb, rows, d).sum(-2) / counts[:, None]).contiguous()
+    hkv = k.shape[1]
+    k_s = k.float() - (kv.k_stats[0][:, :, None, :] if kv.cfg.smooth_k else 0.0)
+    delta = means.view(b, hkv, (hq // hkv) * nb, d) @ k_s.transpose(-1, -2)
+    return means, (delta * qk_scale).view(b, hq, nb, -1).contiguous()
+
+
+def attention(
+    q: torch.Tensor,
+    kv: QuantizedKV,
+    is_causal: bool,
+    sm_scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    seqs_q: Sequences,
+    k: torch.Tensor | None = None,
+) -> None:
+    """The attention kernel on pre-quantized K/V; writes `out` (HND view) and `lse` ([B, Hq, Nq])."""
+    cfg = kv.cfg
+    q = _check_strides("q", q)
+    b, hq, nq, d = q.shape
+    hkv = kv.k.shape[1]
+    qk_scale = sm_scale * LOG2E
+    dummy = kv.k_scale
+    q_stats = token_stats(q, seqs_q) if cfg.qk_granularity == "per_tensor" else (dummy, dummy, dummy)
+    if cfg.smooth_q:
+        means, delta = _smooth_q_terms(q, kv, k, qk_scale)
+        means_args = (means, means.stride(0), means.stride(1))
+        delta_args = (delta, delta.stride(0), delta.stride(1), delta.stride(2))
+    else:
+        means_args, delta_args = (dummy, 0, 0), (dummy, 0, 0, 0)
+    v = kv.v
+    v_strides = (v.stride(0), v.stride(1), 1, v.stride(2)) if kv.v_transposed else (*v.stride()[:3], 1)
+    lse_args = (lse, lse.stride(0), lse.stride(1)) if lse is not None else (dummy, 0, 0)
+    d_pad = head_dim_pad(d)
+    block_m = 128 if d_pad <= 128 and q.is_cuda else 64
+    grid = (triton.cdiv(seqs_q.max_len, block_m), seqs_q.count * hq)
+    sage_attention_kernel[grid](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        kv.k, kv.k.stride(0), kv.k.stride(1), kv.k.stride(2),
+        kv.k_scale, kv.k_scale.stride(0), kv.k_scale.stride(1),
+        v, *v_strides,
+        q_stats[1], q_stats[2], *means_args,
+        *delta_args,
+        kv.k_stats[0], kv.v_stats[0], kv.v_stats[1], kv.v_stats[2],
+        out, out.stride(0), out.stride(1), out.stride(2),
+        *lse_args,
+        _cu(seqs_q, q), _cu(kv.seqs, q), seqs_q.n_dense, kv.seqs.n_dense, hq, hq // hkv,
+        qk_scale, sm_scale,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k, SMOOTH_Q=cfg.smooth_q,
+        SMOOTH_V=cfg.smooth_v, PV_MODE=PV_MODE[(cfg.pv_dtype, cfg.pv_accum)], P_SCALE=cfg.p_scale,
+        V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0,
+        PV_DTYPE=_triton_dtype(cfg), EXACT_CASTS=exact_casts(q.device),
+        IS_CAUSAL=is_causal, IS_VARLEN=seqs_q.is_varlen, RETURN_LSE=lse is not None,
+        num_warps=8 if block_m == 128 else 4, num_stages=3 if q.is_cuda else 1,
+    )  # fmt: skip
+
+
+def _triton_dtype(cfg: QuantConfig):
+    import triton.language as tl
+
+    return {"fp16": tl.float16, "bf16": tl.bfloat16}.get(cfg.pv_dtype, tl.float16)
+
+
+def sequences(call_tensor: torch.Tensor, cu_seqlens, max_seqlen: int) -> Sequences:
+    if cu_seqlens is None:
+        return Sequences(call_tensor.shape[0], call_tensor.shape[2], call_tensor.shape[2], None)
+    return Sequences(cu_seqlens.numel() - 1, 0, max_seqlen, cu_seqlens.to(torch.int32))
+
+
+def unsupported(call) -> list[str]:
+    """What the Triton path cannot do yet (the reference backend can)."""
+    reasons = []
+    if call.cfg.smooth_q and (call.is_varlen or call.cfg.qk_granularity == "per_tensor"):
+        reasons.append("smooth_q with varlen or per_tensor granularity is reference-only")
+    if call.cfg.pv_accum == "fp16+fp32" and call.cfg.pv_dtype != "fp16":
+        reasons.append("an FP16 accumulator needs FP16 PV operands")
+    return reasons
+
+
+def sage_forward(call) -> None:
+    """Whole call: preprocess K/V, then the attention kernel (Q is quantized inside it)."""
+    seqs_k = sequences(call.k, call.cu_seqlens_k, call.max_seqlen_k)
+    seqs_q = sequences(call.q, call.cu_seqlens_q, call.max_seqlen_q)
+    kv = preprocess_kv(call.k, call.v, call.cfg, seqs_k)
+    attention(call.q, kv, call.is_causal, call.sm_scale, call.out, call.lse, seqs_q, k=call.k)
