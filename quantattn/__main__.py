@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +93,13 @@ def sdpa_fn(backend=None) -> Attention:
     return run
 
 
+def describe_failure(exc: Exception) -> str:
+    """One line for the table; the traceback goes to stderr. Triton's compilation errors put the cause last."""
+    traceback.print_exc(file=sys.stderr)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
 def accuracy_rows(
     impls: dict[str, Attention], shape: tuple[int, int, int, int], causal: bool, device: str
 ) -> list[dict]:
@@ -105,8 +113,8 @@ def accuracy_rows(
             row = {"implementation": name, "inputs": kind}
             try:
                 row.update(accuracy_metrics(fn(q, k, v, causal), ref))
-            except (RuntimeError, ValueError, TypeError, ImportError) as exc:
-                row["error"] = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # one failing implementation must not hide the others' figures
+                row["error"] = describe_failure(exc)
             rows.append(row)
     return rows
 
@@ -124,8 +132,8 @@ def speed_rows(impls: dict[str, Attention], shape: tuple[int, int, int, int], ca
         try:
             ms = cuda_median_ms(lambda q, k, v, fn=fn: fn(q, k, v, causal), input_sets)
             row.update(ms=ms, tops=tops(ops, ms))
-        except (RuntimeError, ValueError, TypeError, ImportError) as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # as in accuracy_rows
+            row["error"] = describe_failure(exc)
         rows.append(row)
     return rows
 

@@ -76,7 +76,11 @@ def _attend_block(
         v = cast(tl.load(v_ptrs, mask=vmask, other=0.0), PV_DTYPE, EXACT_CASTS)
         p16 = cast(p, PV_DTYPE, EXACT_CASTS)
         if PV_MODE == PV_F16_ACC32:
-            acc = tl.dot(p16, v, acc * alpha[:, None])
+            if EXACT_CASTS and PV_DTYPE == tl.bfloat16:
+                # the interpreter multiplies bfloat16 tiles wrongly; their products are exact in float32
+                acc = tl.dot(p16.to(tl.float32), v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p16, v, acc * alpha[:, None])
         else:
             acc = acc * alpha[:, None] + tl.dot(p16, v, out_dtype=tl.float16).to(tl.float32)
     return acc, m_new, l_i

@@ -76,7 +76,9 @@ def to_fp8_e4m3(x, EXACT_CASTS: tl.constexpr):
     c = tl.minimum(tl.maximum(nan_if_inf, -FP8_MAX), FP8_MAX)
     c = tl.where(nan_if_inf == nan_if_inf, c, nan_if_inf)
     if EXACT_CASTS:
-        c = round_to_e4m3_grid(c)
+        # the interpreter also casts NaN to 384: build E4M3's NaN (0x7F) from its bits
+        nan8 = tl.full(c.shape, 0x7F, tl.int8).to(tl.float8e4nv, bitcast=True)
+        return tl.where(c == c, round_to_e4m3_grid(c).to(tl.float8e4nv), nan8)
     return c.to(tl.float8e4nv)
 
 

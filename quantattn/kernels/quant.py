@@ -24,7 +24,7 @@ def seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN: tl.constexpr):
     """(batch index, first row, length) of sequence `seq`."""
     if IS_VARLEN:
         start = tl.load(cu_seqlens + seq)
-        return 0, start, tl.load(cu_seqlens + seq + 1) - start
+        return seq * 0, start, tl.load(cu_seqlens + seq + 1) - start
     return seq, seq * 0, n_dense
 
 

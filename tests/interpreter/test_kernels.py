@@ -1,0 +1,203 @@
+"""Every Triton kernel against the reference variant it implements, through the interpreter.
+
+Kernel and reference quantize identically (same groups, same rounding, same IEEE divisions), so
+they differ only where an accumulation order or an exp2 ulp tips one FP8/FP16 rounding: the bound
+KERNEL_VS_REFERENCE is a small fraction of the reference's own quantization error, which a kernel
+using any other group, scale or accumulator would exceed by far (test_bound_is_tight).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import quantattn as qa
+from quantattn.config import QuantConfig
+from quantattn.kernels.common import to_fp8_e4m3
+from quantattn.reference import attention_fp64, round_to_fp8_e4m3
+
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+        reason="interpreter tests run on machines without a GPU (tests/gpu covers the GPU)",
+    ),
+]
+
+KERNEL_VS_REFERENCE = 0.05  # fraction of the reference's error against FP64
+
+
+def rel_l1(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().sum() / b.abs().sum()).item()
+
+
+def make(seed, *shape, dtype=torch.bfloat16, outliers=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    if outliers:
+        x = x + 4 * torch.randn(*shape[:-2], 1, shape[-1], generator=g)
+    return x.to(dtype)
+
+
+def run_both(q, k, v, cfg, **kw):
+    out = qa.sageattn(q, k, v, config=cfg, backend="triton", **kw)
+    ref = qa.sageattn(q, k, v, config=cfg, backend="reference", **kw)
+    return out, ref
+
+
+def assert_matches(out, ref, truth):
+    assert torch.isfinite(out).all(), "kernel output has NaN/Inf"
+    err_ref = rel_l1(ref, truth)
+    err_kernel = rel_l1(out, ref)
+    assert err_kernel <= KERNEL_VS_REFERENCE * err_ref + 1e-6, (err_kernel, err_ref)
+
+
+CONFIGS = [
+    QuantConfig(),
+    QuantConfig(pv_accum="fp32"),
+    QuantConfig(pv_accum="fp32+fp16"),
+    QuantConfig(smooth_v=True),
+    QuantConfig(qk_dtype="int4", smooth_q=True),
+    QuantConfig(smooth_q=True, qk_granularity="per_warp"),
+    QuantConfig(qk_granularity="per_block", pv_dtype="fp16", pv_accum="fp32"),
+    QuantConfig(qk_granularity="per_block", pv_dtype="fp16", pv_accum="fp16+fp32"),
+    QuantConfig(qk_granularity="per_token", pv_dtype="bf16", pv_accum="fp32", smooth_v=True),
+    QuantConfig(pv_dtype="fp16", pv_accum="fp32", smooth_k=False),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("causal", [False, True])
+def test_variant_matches_reference(cfg, causal):
+    dtype = torch.float16 if cfg.pv_accum == "fp16+fp32" else torch.bfloat16
+    q = make(1, 1, 4, 130, 64, dtype=dtype)
+    k = make(2, 1, 2, 200, 64, dtype=dtype, outliers=True)
+    v = make(3, 1, 2, 200, 64, dtype=dtype)
+    out, ref = run_both(q, k, v, cfg, is_causal=causal)
+    assert_matches(out, ref, attention_fp64(q, k, v, is_causal=causal))
+
+
+@pytest.mark.parametrize("gran", ["per_tensor", "per_block", "per_warp", "per_thread", "per_token"])
+@pytest.mark.parametrize("qk_dtype", ["int8", "int4"])
+def test_granularity_matches_reference(gran, qk_dtype):
+    cfg = QuantConfig(qk_granularity=gran, qk_dtype=qk_dtype)
+    q, k, v = (make(s, 1, 2, 150, 64) for s in (4, 5, 6))
+    out, ref = run_both(q, k, v, cfg)
+    assert_matches(out, ref, attention_fp64(q, k, v))
+
+
+@pytest.mark.parametrize("d", [40, 96, 128])
+def test_head_dims(d):
+    q, k, v = (make(s, 1, 2, 70, d) for s in (7, 8, 9))
+    out, ref = run_both(q, k, v, QuantConfig())
+    assert_matches(out, ref, attention_fp64(q, k, v))
+
+
+def test_nhd_noncontiguous_and_lse():
+    base = make(10, 1, 96, 4, 128)
+    q = base[..., ::2]  # [1, 96, 4, 64] with a channel stride of 2 (the launcher makes it unit)
+    k = make(11, 1, 80, 2, 64).transpose(0, 0)
+    v = make(12, 2, 80, 2, 64)[1:]
+    (out, lse), (ref, ref_lse) = run_both(q, k, v, QuantConfig(), tensor_layout="NHD", return_lse=True, is_causal=True)
+    truth, truth_lse = attention_fp64(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True, None, True)
+    assert_matches(out.transpose(1, 2), ref.transpose(1, 2), truth)
+    assert out.shape == q.shape and out.is_contiguous()
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[finite] - ref_lse[finite]).abs().max() < 1e-4
+    assert (ref_lse[finite].double() - truth_lse[finite]).abs().max() < 0.1
+
+
+def test_varlen_matches_reference_loop():
+    lens_q, lens_k = [70, 0, 150, 1], [90, 20, 130, 64]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    q = make(13, sum(lens_q), 4, 64)
+    k = make(14, sum(lens_k), 2, 64)
+    v = make(15, sum(lens_k), 2, 64)
+    for cfg in (QuantConfig(), QuantConfig(qk_granularity="per_block", pv_dtype="fp16", pv_accum="fp32")):
+        args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
+        out, lse = qa.sageattn_varlen(*args, is_causal=True, return_lse=True, config=cfg, backend="triton")
+        ref, ref_lse = qa.sageattn_varlen(*args, is_causal=True, return_lse=True, config=cfg, backend="reference")
+        assert torch.isfinite(out).all()
+        assert rel_l1(out, ref) < 2e-3
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(finite, torch.isfinite(lse))
+        assert (lse[finite] - ref_lse[finite]).abs().max() < 1e-4
+
+
+def test_nan_in_one_query_row_stays_in_that_row():
+    q, k, v = (make(s, 1, 2, 128, 64) for s in (16, 17, 18))
+    q[0, 1, 5, 3] = float("nan")
+    q[0, 0, 70, 0] = float("inf")
+    out = qa.sageattn(q, k, v, backend="triton")
+    bad = torch.zeros(1, 2, 128, dtype=torch.bool)
+    bad[0, 1, 5] = bad[0, 0, 70] = True
+    assert torch.isnan(out[bad]).all()
+    assert torch.isfinite(out[~bad]).all()
+
+
+def test_poisoned_output_is_fully_written():
+    from quantattn.kernels import launch
+
+    q, k, v = (make(s, 2, 2, 100, 64) for s in (19, 20, 21))
+    cfg = QuantConfig()
+    kv = launch.preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((2, 2, 100), float("nan"))
+    launch.attention(q, kv, False, 0.125, out, lse, launch.sequences(q, None, 0), k=k)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+def test_empty_and_single_token():
+    q, k, v = (make(s, 1, 2, 1, 64) for s in (22, 23, 24))
+    out, ref = run_both(q, k, v, QuantConfig())
+    assert torch.allclose(out.float(), ref.float(), atol=1e-2)
+    out = qa.sageattn(q, k[:, :, :0], v[:, :, :0], backend="triton")
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_bound_is_tight():
+    """A kernel quantizing Q per token instead of per thread, or dropping FP8 P's scale, fails the bound."""
+    q, k, v = (make(s, 1, 2, 256, 64) for s in (25, 26, 27))
+    truth = attention_fp64(q, k, v)
+    ref = qa.sageattn(q, k, v, backend="reference")
+    for wrong in (QuantConfig(qk_granularity="per_token"), QuantConfig(pv_accum="fp32+fp16")):
+        out = qa.sageattn(q, k, v, config=wrong, backend="triton")
+        assert rel_l1(out, ref) > KERNEL_VS_REFERENCE * rel_l1(ref, truth)
+
+
+@triton.jit
+def _fp8_cast_kernel(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, to_fp8_e4m3(tl.load(X + offs), True))
+
+
+def _round_e4m3_with_kernel_helper(x):
+    n = triton.next_power_of_2(x.numel())
+    xp = torch.nn.functional.pad(x, (0, n - x.numel()))
+    y = torch.empty(n, dtype=torch.float8_e4m3fn)
+    _fp8_cast_kernel[(1,)](xp, y, n)
+    return y[: x.numel()].float()
+
+
+def test_fp8_rounding_helper_is_exact_in_the_interpreter():
+    g = torch.Generator().manual_seed(28)
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)]
+    mids = (grid[:-1] + grid[1:]) / 2  # ties between neighbours (sorted halves)
+    x = torch.cat([
+        torch.randn(4096, generator=g), 448 * torch.rand(2048, generator=g), torch.rand(1024, generator=g) / 64,
+        grid, mids.sort().values, torch.tensor([1.9507, 0.1239, 449.0, 500.0, -1e6, 1e-12, float("nan"), float("inf")]),
+    ])  # fmt: skip
+    got = _round_e4m3_with_kernel_helper(x)
+    want = round_to_fp8_e4m3(x)
+    same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+    assert same.all(), x[~same][:10]
+    assert not math.isnan(got[-4].item()) and got[-4].item() == -448.0
