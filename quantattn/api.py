@@ -29,7 +29,7 @@ _warned_cpu = False
 
 
 def default_config(device: torch.device) -> QuantConfig:
-    """SageAttention2 (INT8 QK per thread, FP8 PV, two-level accumulation) where FP8 runs, else SageAttention."""
+    """SageAttention2 (INT8 QK per token, FP8 PV, two-level accumulation) where FP8 runs, else SageAttention."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         return QuantConfig(pv_dtype="fp16", pv_accum="fp32")
     return QuantConfig()

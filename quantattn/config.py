@@ -52,7 +52,9 @@ class QuantConfig:
     """
 
     qk_dtype: str = "int8"
-    qk_granularity: str = "per_thread"
+    # per_token: one scale per query row and per key, the finest group; Triton picks the kernel's
+    # thread layout itself, so per-thread groups cost the same and are less accurate (see docs)
+    qk_granularity: str = "per_token"
     pv_dtype: str = "fp8"
     pv_accum: str = "fp32+fp32"
     smooth_k: bool = True

@@ -21,13 +21,13 @@ from quantattn.kernels.common import (
 from quantattn.kernels.quant import seq_bounds
 
 # PV modes
-PV_F16_ACC32: tl.constexpr = 0  # FP16/BF16 operands, FP32 accumulator
-PV_F16_ACC16: tl.constexpr = 1  # FP16 operands, FP16 accumulator per key block, FP32 buffer
-PV_F8_TWO_LEVEL: tl.constexpr = 2  # FP8, fresh accumulator per key block added into FP32 (SageAttention2)
-PV_F8_ONE_LEVEL: tl.constexpr = 3  # FP8 chained into one accumulator (FP22 on Ada/Hopper)
-PV_F8_ACC16: tl.constexpr = 4  # FP8 with FP16 partials of 64 keys (SageAttention2++)
+PV_F16_ACC32 = tl.constexpr(0)  # FP16/BF16 operands, FP32 accumulator
+PV_F16_ACC16 = tl.constexpr(1)  # FP16 operands, FP16 accumulator per key block, FP32 buffer
+PV_F8_TWO_LEVEL = tl.constexpr(2)  # FP8, fresh accumulator per key block added into FP32 (SageAttention2)
+PV_F8_ONE_LEVEL = tl.constexpr(3)  # FP8 chained into one accumulator (FP22 on Ada/Hopper)
+PV_F8_ACC16 = tl.constexpr(4)  # FP8 with FP16 partials of 64 keys (SageAttention2++)
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -7,20 +7,20 @@ import triton
 import triton.language as tl
 
 # Granularity codes, in the order of config.QK_GRANULARITIES.
-PER_TENSOR: tl.constexpr = 0
-PER_BLOCK: tl.constexpr = 1
-PER_WARP: tl.constexpr = 2
-PER_THREAD: tl.constexpr = 3
-PER_TOKEN: tl.constexpr = 4
+PER_TENSOR = tl.constexpr(0)
+PER_BLOCK = tl.constexpr(1)
+PER_WARP = tl.constexpr(2)
+PER_THREAD = tl.constexpr(3)
+PER_TOKEN = tl.constexpr(4)
 
-AMAX_FLOOR: tl.constexpr = 1e-30
+AMAX_FLOOR = tl.constexpr(1e-30)
 # Adding 1.5 * 2**23 leaves no fraction bits in a float32 below 2**22: the sum is x rounded to an
 # integer, half to even, in any IEEE float32 unit (the interpreter's numpy included).
-ROUND_MAGIC: tl.constexpr = 12582912.0
+ROUND_MAGIC = tl.constexpr(12582912.0)
 # Same trick at the spacing of E4M3's subnormals (2**-9): 1.5 * 2**14.
-FP8_SUBNORMAL_MAGIC: tl.constexpr = 24576.0
-FP8_MIN_NORMAL: tl.constexpr = 0.015625
-FP8_MAX: tl.constexpr = 448.0
+FP8_SUBNORMAL_MAGIC = tl.constexpr(24576.0)
+FP8_MIN_NORMAL = tl.constexpr(0.015625)
+FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit

@@ -19,12 +19,12 @@ BLOCK_N = 64  # keys per online-softmax step; part of the numerics (the referenc
 STATS_BLOCK = 64
 GRAN_CODE = {name: i for i, name in enumerate(C.QK_GRANULARITIES)}
 PV_MODE = {
-    ("fp8", "fp32+fp32"): A.PV_F8_TWO_LEVEL,
-    ("fp8", "fp32"): A.PV_F8_ONE_LEVEL,
-    ("fp8", "fp32+fp16"): A.PV_F8_ACC16,
-    ("fp16", "fp32"): A.PV_F16_ACC32,
-    ("fp16", "fp16+fp32"): A.PV_F16_ACC16,
-    ("bf16", "fp32"): A.PV_F16_ACC32,
+    ("fp8", "fp32+fp32"): A.PV_F8_TWO_LEVEL.value,
+    ("fp8", "fp32"): A.PV_F8_ONE_LEVEL.value,
+    ("fp8", "fp32+fp16"): A.PV_F8_ACC16.value,
+    ("fp16", "fp32"): A.PV_F16_ACC32.value,
+    ("fp16", "fp16+fp32"): A.PV_F16_ACC16.value,
+    ("bf16", "fp32"): A.PV_F16_ACC32.value,
 }
 PV_TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -148,8 +148,11 @@ def attention(
     lse: torch.Tensor | None,
     seqs_q: Sequences,
     k: torch.Tensor | None = None,
-) -> None:
-    """The attention kernel on pre-quantized K/V; writes `out` (HND view) and `lse` ([B, Hq, Nq])."""
+):
+    """The attention kernel on pre-quantized K/V; writes `out` (HND view) and `lse` ([B, Hq, Nq]).
+
+    `k` (the unquantized K) is needed only for smooth Q's correction term. Returns Triton's compiled
+    kernel handle (its .asm and register counts are what tools inspect)."""
     cfg = kv.cfg
     q = _check_strides("q", q)
     b, hq, nq, d = q.shape
@@ -169,7 +172,7 @@ def attention(
     d_pad = head_dim_pad(d)
     block_m = 128 if d_pad <= 128 and q.is_cuda else 64
     grid = (triton.cdiv(seqs_q.max_len, block_m), seqs_q.count * hq)
-    sage_attention_kernel[grid](
+    return sage_attention_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         kv.k, kv.k.stride(0), kv.k.stride(1), kv.k.stride(2),
         kv.k_scale, kv.k_scale.stride(0), kv.k_scale.stride(1),
