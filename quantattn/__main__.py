@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import quantattn
+from quantattn.bench.timing import measure
 from quantattn.config import VARIANTS, QuantConfig
-from quantattn.metrics import accuracy_metrics, attention_ops, cuda_median_ms, make_qkv, tops
+from quantattn.metrics import accuracy_metrics, attention_ops, make_qkv, tops
 from quantattn.reference import attention_fp64
 
 GPU_WORKLOAD = {"batch": 4, "heads": 32, "seq_len": 4096, "head_dim": 128}
@@ -85,8 +87,6 @@ def sdpa_fn(backend=None) -> Attention:
     def run(q, k, v, causal):
         if backend is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        from torch.nn.attention import sdpa_kernel
-
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
@@ -130,7 +130,7 @@ def speed_rows(impls: dict[str, Attention], shape: tuple[int, int, int, int], ca
     for name, fn in impls.items():
         row = {"implementation": name}
         try:
-            ms = cuda_median_ms(lambda q, k, v, fn=fn: fn(q, k, v, causal), input_sets)
+            ms = measure(lambda q, k, v, fn=fn: fn(q, k, v, causal), input_sets).median_ms
             row.update(ms=ms, tops=tops(ops, ms))
         except Exception as exc:  # as in accuracy_rows
             row["error"] = describe_failure(exc)
@@ -139,8 +139,6 @@ def speed_rows(impls: dict[str, Attention], shape: tuple[int, int, int, int], ca
 
 
 def sdpa_backends() -> dict[str, Attention]:
-    from torch.nn.attention import SDPBackend
-
     return {
         "torch SDPA cuDNN (bf16)": sdpa_fn(SDPBackend.CUDNN_ATTENTION),
         "torch SDPA flash (bf16)": sdpa_fn(SDPBackend.FLASH_ATTENTION),

@@ -51,7 +51,8 @@ def resolve_config(device: torch.device, config: QuantConfig | None, options: di
         owners = [pv for pv, accums in PV_ACCUMS.items() if changes["pv_accum"] in accums]
         if len(owners) == 1:
             changes["pv_dtype"] = owners[0]
-    if changes.get("pv_dtype", base.pv_dtype) != base.pv_dtype and "pv_accum" not in changes:
+    pv_dtype = changes.get("pv_dtype", base.pv_dtype)
+    if pv_dtype != base.pv_dtype and "pv_accum" not in changes and pv_dtype in PV_ACCUMS:  # else QuantConfig says why
         changes["pv_accum"] = PV_ACCUMS[changes["pv_dtype"]][0]
     return base.replace(**changes) if changes else base
 
@@ -143,11 +144,12 @@ def sageattn_varlen(
     to_hnd = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  [total, H, d] -> [1, H, total, d]
     qh, kh, vh = to_hnd(q), to_hnd(k), to_hnd(v)
     V.check_heads_and_dims(qh.shape[1:], kh.shape[1:], vh.shape[1:])
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        # before check_cu_seqlens reads the offsets: a device that cannot be read (meta) must not hide this
+        if isinstance(cu, torch.Tensor) and cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {cu.device}")
     V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, max_seqlen_q, "max_seqlen_q")
     V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel() - 1, max_seqlen_k, "max_seqlen_k")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if cu.device != q.device:
-            raise ValueError(f"{name} must be on q's device ({q.device}), got {cu.device}")
     cfg = resolve_config(q.device, config, options)
     hq, total_q, d = qh.shape[1:]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -165,9 +167,7 @@ def sageattn_varlen(
 def _explicit(doc: str, **fixed):
     """An official-package entry point: sageattn with some options fixed, the rest as keywords."""
 
-    def variant(
-        q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False, **options
-    ):
+    def variant(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False, **options):
         options.pop("quantization_backend", None)  # official Triton-vs-CUDA quantization choice; one path here
         return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, **{**fixed, **options})
 

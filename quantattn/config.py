@@ -35,6 +35,10 @@ FP8_MAX = 448.0
 P_SCALE = {"fp32+fp32": 448.0, "fp32": 448.0, "fp32+fp16": 224.0}
 V_RANGE = {"fp32+fp32": 448.0, "fp32": 448.0, "fp32+fp16": 4.5}
 FP16_ACCUM_KEYS = 64  # keys summed in one FP16 partial (2++), before it joins the FP32 buffer
+# Keys per online-softmax step. Part of the numerics: P is quantized against the running maximum of
+# its step, and a fresh (second-level) PV accumulator spans one step. FP16 accumulators keep 64-key
+# steps, so that one partial never sums more than FP16_ACCUM_KEYS products.
+KV_BLOCK = 64
 FP8_MMA_KEYS = 32  # keys one FP8 MMA (m16n8k32) reduces: the FP22 accumulator rounds after each
 FP16_MMA_KEYS = 16  # keys one FP16 MMA (m16n8k16) reduces
 
@@ -65,9 +69,7 @@ class QuantConfig:
         _check_choice("qk_quant_dtype", self.qk_dtype, QK_DTYPES)
         _check_choice("qk_quant_gran", self.qk_granularity, QK_GRANULARITIES)
         _check_choice("pv_dtype", self.pv_dtype, PV_DTYPES)
-        _check_choice(
-            f"pv_accum_dtype (with pv_dtype={self.pv_dtype!r})", self.pv_accum, PV_ACCUMS[self.pv_dtype]
-        )
+        _check_choice(f"pv_accum_dtype (with pv_dtype={self.pv_dtype!r})", self.pv_accum, PV_ACCUMS[self.pv_dtype])
         for name in ("smooth_k", "smooth_q", "smooth_v"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -88,15 +90,18 @@ class QuantConfig:
     def v_range(self) -> float:
         return V_RANGE[self.pv_accum]
 
+    @property
+    def kv_block(self) -> int:
+        return FP16_ACCUM_KEYS if self.pv_accum.endswith("+fp16") or self.pv_accum == "fp16+fp32" else KV_BLOCK
+
     def replace(self, **changes) -> QuantConfig:
         return dataclasses.replace(self, **changes)
 
     @property
     def name(self) -> str:
         smooth = "".join(s for s, on in (("k", self.smooth_k), ("q", self.smooth_q), ("v", self.smooth_v)) if on)
-        return (
-            f"qk_{self.qk_dtype}_{self.qk_granularity}_pv_{self.pv_dtype}_{self.pv_accum}"
-            + (f"_smooth_{smooth}" if smooth else "")
+        return f"qk_{self.qk_dtype}_{self.qk_granularity}_pv_{self.pv_dtype}_{self.pv_accum}" + (
+            f"_smooth_{smooth}" if smooth else ""
         )
 
 

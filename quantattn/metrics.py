@@ -1,14 +1,11 @@
-"""Measurements shared by `python -m quantattn`, the benchmark and the accuracy tools.
-
+"""Accuracy metrics, attention inputs and operation counts shared by `python -m quantattn`, the benchmark
+and the accuracy tool.
 Accuracy metrics are the ones the SageAttention papers report, computed in float64 over the flattened
 outputs. Inputs come in two kinds: N(0, 1), the easy case, and N(0, 1) with the channel-wise outliers
 that real models put in Q, K and V.
 """
 
 from __future__ import annotations
-
-import statistics
-from collections.abc import Callable, Sequence
 
 import torch
 
@@ -89,24 +86,3 @@ def attention_ops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int,
 
 def tops(ops: float, milliseconds: float) -> float:
     return ops / (milliseconds * 1e-3) / 1e12
-
-
-def cuda_median_ms(
-    fn: Callable[..., object], input_sets: Sequence[tuple], warmups: int = 5, repeats: int = 30
-) -> float:
-    """Median time of fn(*inputs) in milliseconds, from CUDA events around each call.
-
-    The warm-ups absorb JIT compilation and autotuning. Successive calls rotate through `input_sets`
-    so that small problems are not timed out of a warm L2 cache.
-    """
-    for i in range(warmups):
-        fn(*input_sets[i % len(input_sets)])
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    for i, (start, end) in enumerate(events):
-        args = input_sets[i % len(input_sets)]
-        start.record()
-        fn(*args)
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)

@@ -61,10 +61,19 @@ def main():
         ck = launch.attention(qi, kv, False, d**-0.5, out, None, seqs, k=ki)
         kern = median_ms(lambda: launch.attention(qi, kv, False, d**-0.5, out, None, seqs, k=ki))
         mmas = mma_instructions(ck.asm["ptx"])
-        row = {"variant": name, "config": cfg.name, "whole_tops": flops / whole / 1e9, "kernel_tops": flops / kern / 1e9,
-               "n_regs": ck.n_regs, "n_spills": ck.n_spills, "mma": mmas}
+        row = {
+            "variant": name,
+            "config": cfg.name,
+            "whole_tops": flops / whole / 1e9,
+            "kernel_tops": flops / kern / 1e9,
+            "n_regs": ck.n_regs,
+            "n_spills": ck.n_spills,
+            "mma": mmas,
+        }
         report["rows"].append(row)
-        print(f"{name:<16} {row['whole_tops']:>10.0f} {row['kernel_tops']:>11.0f} {ck.n_regs:>5} {ck.n_spills:>6}  {' '.join(mmas)}")
+        print(
+            f"{name:<16} {row['whole_tops']:>10.0f} {row['kernel_tops']:>11.0f} {ck.n_regs:>5} {ck.n_spills:>6}  {' '.join(mmas)}"
+        )
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     for label, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):

@@ -75,11 +75,7 @@ def enumerate_cases(
 
     Returns [(head_dim, seq_len, [Case for each causal])], in the order the runner measures them.
     """
-    return [
-        (d, n, [Case(d, c, n, batch, heads) for c in causals])
-        for d in head_dims
-        for n in seq_lens
-    ]
+    return [(d, n, [Case(d, c, n, batch, heads) for c in causals]) for d in head_dims for n in seq_lens]
 
 
 _SEQ_LEN = re.compile(r"^\s*(\d+)\s*([kK]?)\s*$")

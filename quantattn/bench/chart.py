@@ -29,12 +29,12 @@ def plot(json_path, png_path, title: str | None = None) -> Path:
     if not boxes:
         raise ValueError(f"{json_path}: no speed measurements to plot")
     names = [n for n, info in result["implementations"].items() if info.get("available")]
-    names = [n for n in names if any(r["implementation"] == n for r in result["speed"])]
+    names = [n for n in names if any(r["implementation"] == n and "tops" in r for r in result["speed"])]
     head_dims = sorted({d for d, _ in boxes})
     causals = sorted({c for _, c in boxes})
     seq_lens_all = sorted({r["seq_len"] for r in result["speed"]})
-    width_in = max(7.0, 1.1 * len(seq_lens_all) * max(1, len(names)) * 0.35 + 2)
-    fig = Figure(figsize=(width_in * len(causals), 3.8 * len(head_dims)), layout="constrained")
+    panel_width = max(6.0, 0.17 * len(seq_lens_all) * max(1, len(names)) + 1.5)
+    fig = Figure(figsize=(panel_width * len(causals), 3.8 * len(head_dims) + 0.8), layout="constrained")
     axes = fig.subplots(len(head_dims), len(causals), squeeze=False)
     colors = _colors(len(names))
     for row, head_dim in enumerate(head_dims):
@@ -47,10 +47,7 @@ def plot(json_path, png_path, title: str | None = None) -> Path:
     meta = result.get("metadata", {})
     shape = _shape(result)
     fig.suptitle(
-        title
-        or " | ".join(
-            s for s in (meta.get("device"), shape, "bf16, HND", (meta.get("date") or "")[:10]) if s
-        ),
+        title or " | ".join(s for s in (meta.get("device"), shape, "bf16, HND", (meta.get("date") or "")[:10]) if s),
         fontsize=11,
     )
     handles = [Patch(color=colors[i], label=n) for i, n in enumerate(names)]
@@ -58,7 +55,8 @@ def plot(json_path, png_path, title: str | None = None) -> Path:
         Patch(facecolor="0.3", label="solid: whole call"),
         Patch(facecolor="0.3", alpha=KERNEL_ALPHA, label="light: kernel only (quantized K/V)"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    ncol = max(1, min(len(handles), 6, int(panel_width * len(causals) // 2.3)))
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=130)
@@ -66,11 +64,7 @@ def plot(json_path, png_path, title: str | None = None) -> Path:
 
 
 def _speed_of(result, head_dim, causal):
-    return [
-        r
-        for r in result["speed"]
-        if r["head_dim"] == head_dim and r["causal"] == causal and "tops" in r
-    ]
+    return [r for r in result["speed"] if r["head_dim"] == head_dim and r["causal"] == causal and "tops" in r]
 
 
 def _panel(ax, result, head_dim, causal, names, colors):
@@ -86,14 +80,12 @@ def _panel(ax, result, head_dim, causal, names, colors):
         for x, k in zip(xs, kernel, strict=True):
             if k is not None:
                 ax.bar(x, k, slot, color=colors[i], alpha=KERNEL_ALPHA, linewidth=0)
-                ax.text(x, k + top * 0.01, f"{k:.0f}", ha="center", va="bottom", rotation=90, fontsize=5.5, color="0.4")
+                ax.text(x, k + top * 0.01, _label(k), ha="center", va="bottom", rotation=90, fontsize=5.5, color="0.4")
         for x, w, k in zip(xs, whole, kernel, strict=True):
             if w is not None:
                 ax.bar(x, w, slot, color=colors[i], linewidth=0)
-                if k is None:
-                    ax.text(x, w + top * 0.01, f"{w:.0f}", ha="center", va="bottom", rotation=90, fontsize=5.5)
-                else:
-                    ax.text(x, w * 0.5, f"{w:.0f}", ha="center", va="center", rotation=90, fontsize=5.5, color="white")
+                if k is None or k - w > 0.08 * top:  # else the kernel-only label would sit on it
+                    ax.text(x, w + top * 0.01, _label(w), ha="center", va="bottom", rotation=90, fontsize=5.5)
     ax.set_xticks(range(len(seq_lens)), [format_seq_len(n) for n in seq_lens])
     ax.set_xlabel("sequence length")
     ax.set_ylabel("TOPS")
@@ -101,6 +93,10 @@ def _panel(ax, result, head_dim, causal, names, colors):
     ax.set_title(f"head_dim {head_dim}, causal {causal_label(causal)}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+
+
+def _label(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
 
 
 def _colors(n):

@@ -72,9 +72,7 @@ def quantattn_impl(name: str, cfg: QuantConfig) -> Implementation:
 
         return kernel, (q, kv, out, k)
 
-    return Implementation(
-        name, "quantattn", f"quantattn {name} ({cfg.name})", whole, prepare_kernel, config=cfg
-    )
+    return Implementation(name, "quantattn", f"quantattn {name} ({cfg.name})", whole, prepare_kernel, config=cfg)
 
 
 def sdpa_impl(name: str) -> Implementation:

@@ -94,7 +94,7 @@ def merge(docs: list[dict], sources: list[str] | None = None) -> dict:
 # ------------------------------------------------------------------------------------------------
 # The table
 
-CELL = 6
+CELL = 5  # TOPS as integers, as BENCHMARK.md's anchors (the JSON keeps every digit)
 
 
 def _cell(record: dict | None) -> str:
@@ -104,7 +104,8 @@ def _cell(record: dict | None) -> str:
         return "err"
     if "skipped" in record:
         return "skip"
-    return f"{record['tops']:.1f}" if record["tops"] < 1e4 else f"{record['tops']:.0f}"
+    value = record["tops"]
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
 def panels(result: dict) -> list[tuple[int, bool]]:
@@ -124,7 +125,9 @@ def format_table(result: dict) -> str:
     lines = []
     header = meta.get("device", "unknown device")
     versions = ", ".join(f"{k} {meta[k]}" for k in ("torch", "triton", "cuda") if meta.get(k))
-    lines.append(f"{header}" + (f" | {versions}" if versions else "") + (f" | {meta['date']}" if meta.get("date") else ""))
+    lines.append(
+        f"{header}" + (f" | {versions}" if versions else "") + (f" | {meta['date']}" if meta.get("date") else "")
+    )
     for name, info in result["implementations"].items():
         if not info.get("available"):
             lines.append(f"{name}: {info.get('unavailable')}")
@@ -174,13 +177,25 @@ def format_table(result: dict) -> str:
                     else:
                         row.append(f"{a['cosine']:8.6f} {a['rel_l1']:8.4f}")
             lines.append("  ".join(row).rstrip())
-        for what, rec in errors:
-            where = f"N={format_seq_len(rec['seq_len'])}" if "seq_len" in rec else f"{rec.get('inputs')} inputs"
-            lines.append(f"  ! {rec['implementation']} {what} {where}: {_first_line(rec['error'])}")
+        lines += _error_lines(errors)
     skipped = sum(1 for r in result["speed"] if "skipped" in r)
     if skipped:
         lines.append(f"\n{skipped} measurement(s) skipped: the time limit (--stop-after) was reached.")
     return "\n".join(lines)
+
+
+def _error_lines(errors: list[tuple[str, dict]]) -> list[str]:
+    """One line per (implementation, message): '! sdpa-cudnn whole N=1K 2K, accuracy normal: <message>'."""
+    grouped: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for what, rec in errors:
+        where = format_seq_len(rec["seq_len"]) if "seq_len" in rec else str(rec.get("inputs"))
+        places = grouped.setdefault((rec["implementation"], _first_line(rec["error"])), {})
+        places.setdefault(what, []).append(where)
+    lines = []
+    for (name, message), places in grouped.items():
+        where = ", ".join(f"{what} {'N=' if what != 'accuracy' else ''}{' '.join(ws)}" for what, ws in places.items())
+        lines.append(f"  ! {name} {where}: {message}")
+    return lines
 
 
 def _shape_note(recs: list[dict]) -> str:

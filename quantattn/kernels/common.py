@@ -49,7 +49,9 @@ def round_to_e4m3_grid(x):
     normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
     subnormal = (a + FP8_SUBNORMAL_MAGIC) - FP8_SUBNORMAL_MAGIC
     r = tl.where(a < FP8_MIN_NORMAL, subnormal, normal)
-    r = tl.where(x < 0, -r, r)
+    # copy the sign bit, so that tiny negatives round to -0 as the hardware cast does
+    sign = x.to(tl.int32, bitcast=True) & -2147483648
+    r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     return tl.where(x == x, r, x)
 
 

@@ -15,7 +15,7 @@ from quantattn.kernels.attention import sage_attention_kernel
 from quantattn.kernels.quant import quantize_kv_kernel, token_stats_kernel
 from quantattn.reference.attention import LOG2E
 
-BLOCK_N = 64  # keys per online-softmax step; part of the numerics (the reference uses the same)
+QUANT_BLOCK = C.K_BLOCK_KEYS  # keys per program of the K/V quantization
 STATS_BLOCK = 64
 GRAN_CODE = {name: i for i, name in enumerate(C.QK_GRANULARITIES)}
 PV_MODE = {
@@ -106,7 +106,7 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
     else:
         vq, v_mode, vq_strides = v, 0, (v.stride(0), v.stride(1), v.stride(2), 1)
     if seqs.count * h and seqs.max_len:
-        grid = (triton.cdiv(seqs.max_len, BLOCK_N), seqs.count * h)
+        grid = (triton.cdiv(seqs.max_len, QUANT_BLOCK), seqs.count * h)
         quantize_kv_kernel[grid](
             k, k.stride(0), k.stride(1), k.stride(2),
             v, v.stride(0), v.stride(1), v.stride(2),
@@ -118,7 +118,7 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
             GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k,
             V_MODE=v_mode, SMOOTH_V=cfg.smooth_v, V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0,
             EXACT_CASTS=exact_casts(k.device),
-            HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=BLOCK_N, IS_VARLEN=seqs.is_varlen,
+            HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen,
         )  # fmt: skip
     return QuantizedKV(kq, k_scale, vq, cfg.is_fp8_pv, k_stats, v_stats, cfg, seqs)
 
@@ -170,7 +170,8 @@ def attention(
     v_strides = (v.stride(0), v.stride(1), 1, v.stride(2)) if kv.v_transposed else (*v.stride()[:3], 1)
     lse_args = (lse, lse.stride(0), lse.stride(1)) if lse is not None else (dummy, 0, 0)
     d_pad = head_dim_pad(d)
-    block_m = 128 if d_pad <= 128 and q.is_cuda else 64
+    block_m, num_warps, num_stages = tile_config(d_pad, q.is_cuda)
+    block_n = int(os.environ.get("QUANTATTN_BLOCK_N", cfg.kv_block))  # experiments only: changes the numerics
     grid = (triton.cdiv(seqs_q.max_len, block_m), seqs_q.count * hq)
     return sage_attention_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
@@ -184,14 +185,24 @@ def attention(
         *lse_args,
         _cu(seqs_q, q), _cu(kv.seqs, q), seqs_q.n_dense, kv.seqs.n_dense, hq, hq // hkv,
         qk_scale, sm_scale,
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k, SMOOTH_Q=cfg.smooth_q,
         SMOOTH_V=cfg.smooth_v, PV_MODE=PV_MODE[(cfg.pv_dtype, cfg.pv_accum)], P_SCALE=cfg.p_scale,
         V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0,
         PV_DTYPE=_triton_dtype(cfg), EXACT_CASTS=exact_casts(q.device),
         IS_CAUSAL=is_causal, IS_VARLEN=seqs_q.is_varlen, RETURN_LSE=lse is not None,
-        num_warps=8 if block_m == 128 else 4, num_stages=3 if q.is_cuda else 1,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+
+
+def tile_config(d_pad: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, num_stages); QUANTATTN_TILE="BM,warps,stages" overrides it for tuning runs."""
+    if os.environ.get("QUANTATTN_TILE"):
+        bm, warps, stages = (int(x) for x in os.environ["QUANTATTN_TILE"].split(","))
+        return bm, warps, stages
+    if not on_gpu:
+        return 64, 4, 1
+    return (128, 8, 3) if d_pad <= 128 else (64, 4, 2)
 
 
 def _triton_dtype(cfg: QuantConfig):

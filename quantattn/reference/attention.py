@@ -26,7 +26,6 @@ from quantattn.reference.quant import (
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-DEFAULT_BLOCK_N = 64
 
 
 @dataclass
@@ -144,9 +143,12 @@ def attention_quantized(
     kv: QuantizedKV,
     cfg: QuantConfig,
     is_causal: bool,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Online-softmax attention over quantized operands. Returns (output float32, lse in log2 units)."""
+    """Online-softmax attention over quantized operands, `block_n` keys a step (default cfg.kv_block).
+
+    Returns (output float32, lse in log2 units)."""
+    block_n = block_n or cfg.kv_block
     hq = q.values.shape[1]
     k, k_scale, v = (_expand_heads(t, hq) for t in (kv.k, kv.k_scale, kv.v))
     b, _, nq, _ = q.values.shape
@@ -197,7 +199,7 @@ def sage_attention_reference(
     is_causal: bool = False,
     sm_scale: float | None = None,
     return_lse: bool = False,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_n: int | None = None,
 ):
     """SageAttention of HND tensors, computed with float32 tensor ops on q's device; output in q's dtype.
 

@@ -145,7 +145,7 @@ def test_poisoned_output_is_fully_written_and_inputs_untouched():
         lse = torch.full((2, 8, 3000), float("nan"), device=DEV)
         launch.attention(q, kv, True, 0.1, out, lse, launch.sequences(q, None, 0), k=k)
         assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    assert all(torch.equal(a, b) for a, b in zip(copies, (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(copies, (q, k, v), strict=True))
 
 
 def test_storage_offset_and_strided_views():
@@ -220,7 +220,9 @@ def test_exact_rounding_helpers_match_hardware_casts():
     for i, what in ((0, "E4M3"), (1, "bf16")):
         differ = outs[False][i] != outs[True][i]
         shown = [(x[j].item(), outs[False][i][j].item(), outs[True][i][j].item()) for j in differ.nonzero()[:8, 0]]
-        assert not differ.any(), f"{what} helper differs from the hardware cast at {differ.sum().item()} values: {shown}"
+        assert not differ.any(), (
+            f"{what} helper differs from the hardware cast at {differ.sum().item()} values: {shown}"
+        )
     want = round_to_fp8_e4m3(x.cpu())
     got = outs[True][0].view(torch.float8_e4m3fn).float().cpu()
     assert ((got == want) | (got.isnan() & want.isnan())).all()

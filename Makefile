@@ -1,0 +1,29 @@
+# The few commands a contributor needs. PYTHON picks the interpreter (default: python3 on PATH);
+# ARGS passes options through, e.g. `make test ARGS="-k varlen"`, `make bench ARGS="--help"`.
+PYTHON ?= python3
+ARGS ?=
+
+.PHONY: install test test-gpu lint format bench accuracy
+
+install:  ## quantattn in editable mode, with test, benchmark and lint tools
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:  ## the README's test command: every test, GPU tests skip without a GPU
+	PYTHON="$(PYTHON)" bash scripts/test.sh $(ARGS)
+
+test-gpu:  ## only the tests that need an NVIDIA GPU
+	$(PYTHON) -m pytest tests -m gpu $(ARGS)
+
+lint:  ## ruff: no lint findings, code formatted
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:  ## apply the formatter and the safe lint fixes
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+bench:  ## the speed benchmark (NVIDIA GPU)
+	$(PYTHON) -m quantattn.bench $(ARGS)
+
+accuracy:  ## the accuracy tool
+	$(PYTHON) -m quantattn.accuracy $(ARGS)

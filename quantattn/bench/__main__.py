@@ -1,0 +1,5 @@
+import sys
+
+from quantattn.bench.cli import main
+
+sys.exit(main())

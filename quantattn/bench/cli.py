@@ -1,0 +1,330 @@
+"""`python -m quantattn.bench`: BENCHMARK.md's protocol in one run (needs a CUDA GPU).
+
+Every quantattn variant (whole call and kernel only), torch SDPA with the cuDNN and the flash backend,
+and the official `sageattention` package where it is installed; TOPS per (head_dim, causal, N), and
+cosine / relative L1 against FP64 attention next to them. Writes <out>/<date>_<tag>.json (every number
+and the run's metadata) and a .png chart drawn from it; `--from-json` redraws table and chart from saved
+results, on any machine, merging several files into one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from quantattn.bench import cases as C
+from quantattn.bench import report, timing
+from quantattn.bench.impls import ALL_NAMES, build
+from quantattn.bench.runner import BrokenDevice, Runner, Settings
+
+DEFAULT_OUT = Path("bench/results")
+QUICK_TIMING = {"min_repeats": 30, "max_repeats": 100, "target_s": 0.1}
+FULL_TIMING = {"min_repeats": timing.MIN_REPEATS, "max_repeats": timing.MAX_REPEATS, "target_s": timing.TARGET_S}
+EXIT_NO_GPU = 2
+EXIT_FAILED = 1
+
+
+def _implementations(text: str) -> list[str]:
+    names = [n for n in text.replace(",", " ").split() if n]
+    unknown = [n for n in names if n not in ALL_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown implementation {', '.join(unknown)}; choose from {', '.join(ALL_NAMES)}"
+        )
+    return names
+
+
+def _seq_len(text: str) -> int:
+    try:
+        return C.parse_seq_len(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m quantattn.bench",
+        description="Speed (TOPS, whole call and kernel only) and accuracy of quantattn's variants next to torch "
+        "SDPA (cuDNN, flash) and the official SageAttention, by the protocol of BENCHMARK.md. Needs a CUDA GPU, "
+        "except with --from-json.",
+        epilog="Protocol defaults: bf16, HND, B=4, H=32, head_dim 64 128, N 1K..32K, causal off and on; CUDA-event "
+        f"timing, {timing.WARMUPS} warm-ups after a compile call, median of >= {timing.MIN_REPEATS} repeats. "
+        "--quick: head_dim 128, N 1K 4K 16K, causal off.",
+    )
+    p.add_argument("--head-dims", type=_positive, nargs="+", metavar="D", help="head dimensions (default: 64 128)")
+    p.add_argument(
+        "--seq-lens",
+        type=_seq_len,
+        nargs="+",
+        metavar="N",
+        help="sequence lengths, e.g. 1K 4K 4096 (default: 1K 2K 4K 8K 16K 32K)",
+    )
+    p.add_argument("--batch", type=_positive, default=C.BATCH, help=f"batch size (default {C.BATCH})")
+    p.add_argument("--heads", type=_positive, default=C.HEADS, help=f"attention heads (default {C.HEADS})")
+    p.add_argument("--causal", choices=("off", "on", "both"), help="causal masking (default: both; --quick: off)")
+    p.add_argument(
+        "--variants", type=_implementations, nargs="+", metavar="NAME",
+        help=f"implementations to run, from: {', '.join(ALL_NAMES)} (default: all)",
+    )  # fmt: skip
+    p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy slice")
+    p.add_argument(
+        "--quick", action="store_true", help="short run: head_dim 128, N 1K 4K 16K, causal off, fewer repeats"
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--tag", help="name part of the output files (default: the GPU's name, plus '_quick')")
+    p.add_argument(
+        "--warmups",
+        type=int,
+        default=timing.WARMUPS,
+        help=f"warm-up calls after the compile call (default {timing.WARMUPS})",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive,
+        help=f"least number of timed calls (default {timing.MIN_REPEATS}; short calls get more)",
+    )
+    p.add_argument(
+        "--stop-after", type=float, metavar="SECONDS",
+        help="measure nothing new after this many seconds; the rest is marked skipped and the table, JSON and chart "
+        "are still written (for a command with a time limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--accuracy-seq-len",
+        type=_seq_len,
+        default=C.ACCURACY_SEQ_LEN,
+        help="N of the accuracy slice [1, 8, N, d] (default 4K)",
+    )
+    p.add_argument(
+        "--from-json", type=Path, nargs="+", metavar="FILE",
+        help="measure nothing: print the table of saved results and draw their chart (several files are merged and the "
+        "merge is saved too); no GPU needed",
+    )  # fmt: skip
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda",
+        help="cpu: a functional check of the benchmark itself with wall-clock timing and tiny shapes (kernel-only "
+        "timing needs TRITON_INTERPRET=1); its numbers mean nothing",
+    )  # fmt: skip
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    t = QUICK_TIMING if args.quick else FULL_TIMING
+    min_repeats = args.repeats if args.repeats is not None else t["min_repeats"]
+    return Settings(
+        head_dims=tuple(args.head_dims or (C.QUICK_HEAD_DIMS if args.quick else C.HEAD_DIMS)),
+        seq_lens=tuple(args.seq_lens or (C.QUICK_SEQ_LENS if args.quick else C.SEQ_LENS)),
+        causals=C.parse_causal(args.causal) if args.causal else (C.QUICK_CAUSALS if args.quick else C.CAUSALS),
+        batch=args.batch,
+        heads=args.heads,
+        accuracy=not args.no_accuracy,
+        accuracy_seq_len=args.accuracy_seq_len,
+        warmups=max(0, args.warmups),
+        min_repeats=min_repeats,
+        max_repeats=max(min_repeats, t["max_repeats"]),
+        target_s=t["target_s"],
+        stop_after_s=args.stop_after,
+        device=args.device,
+    )
+
+
+def chosen_names(args: argparse.Namespace) -> list[str]:
+    if not args.variants:
+        return list(ALL_NAMES)
+    return [n for group in args.variants for n in group]
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def source_digest() -> str:
+    """SHA-256 of quantattn's Python sources: names the code measured where git is absent (a copied tree)."""
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def collect_metadata(argv: list[str], settings: Settings, tag: str, date: dt.datetime) -> dict:
+    import quantattn
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if settings.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        device = {
+            "device": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+        }
+    else:
+        device = {
+            "device": f"cpu ({platform.processor() or platform.machine()}), benchmark self-test: numbers mean nothing"
+        }
+    commit, dirty = git_state()
+    return {
+        "date": date.isoformat(timespec="seconds"),
+        "tag": tag,
+        **device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "quantattn": quantattn.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "source_sha256": source_digest(),
+        "command": shlex.join(["python", "-m", "quantattn.bench", *argv]),
+        "argv": [sys.executable, *sys.argv],
+        "cwd": os.getcwd(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "dtype": "bfloat16",
+        "layout": "HND",
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
+        "ops": "4*B*H*N^2*d, halved when causal; TOPS = ops / median time",
+    }
+
+
+def default_tag(args: argparse.Namespace) -> str:
+    if args.tag:
+        return args.tag
+    base = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu-selftest"
+    base = base.replace("NVIDIA ", "")
+    return f"{base}_quick" if args.quick else base
+
+
+def draw(json_paths, png_path: Path) -> None:
+    from quantattn.bench.chart import plot
+
+    try:
+        plot(json_paths, png_path)
+        print(f"chart: {png_path}")
+    except ImportError as exc:
+        print(f"chart skipped: {exc}. Redraw it later from the JSON: python -m quantattn.bench --from-json FILE")
+    except Exception as exc:  # noqa: BLE001  the data is saved; a chart problem must not hide that
+        print(f"chart failed ({type(exc).__name__}: {exc}); the JSON holds every number")
+
+
+def from_json(args: argparse.Namespace) -> int:
+    result = report.load(args.from_json)
+    print(report.format_table(result))
+    if len(args.from_json) > 1:
+        stem = report.output_stem(dt.datetime.now().astimezone(), args.tag or "merged")
+        json_path = args.out / f"{stem}.json"
+        report.write_json(result, json_path)
+        print(f"\nmerged results: {json_path}")
+        draw(json_path, args.out / f"{stem}.png")
+    else:
+        stem = args.from_json[0].stem + (f"_{report.slug(args.tag)}" if args.tag else "")
+        print()
+        draw(args.from_json[0], args.out / f"{stem}.png")
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    if args.from_json:
+        return from_json(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "python -m quantattn.bench measures speed and needs a CUDA GPU: torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}). Nothing was measured.\n"
+            "Without a GPU: `python -m quantattn.bench --from-json FILE` redraws saved results; "
+            "`python -m quantattn` checks accuracy on the CPU.",
+            file=sys.stderr,
+        )
+        return EXIT_NO_GPU
+    settings = settings_from(args)
+    impls = build(chosen_names(args))
+    date = dt.datetime.now().astimezone()
+    tag = default_tag(args)
+    meta = collect_metadata(argv, settings, tag, date)
+    stem = report.output_stem(date, tag)
+    json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
+
+    print(
+        f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
+        f"commit {(meta['git_commit'] or 'unknown')[:12]}{' (dirty)' if meta['git_dirty'] else ''} | "
+        f"sources {meta['source_sha256']}"
+    )
+    print(
+        f"head_dim {' '.join(map(str, settings.head_dims))} | N {' '.join(map(C.format_seq_len, settings.seq_lens))} | "
+        f"causal {' '.join(map(C.causal_label, settings.causals))} | B={settings.batch} H={settings.heads} bf16 HND | "
+        f"{settings.warmups} warm-ups, >= {settings.min_repeats} repeats"
+    )
+    for impl in impls:
+        state = "" if impl.available else f"  -- NOT RUN: {impl.unavailable}"
+        print(f"  {impl.name:<14} {impl.description}{state}")
+    print(f"results: {json_path}", flush=True)
+
+    result = report.new_result(meta, {impl.name: impl.as_dict() for impl in impls})
+    runner = Runner(settings, impls, result, lambda: report.write_json(result, json_path))
+    broken = None
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a job's time limit: still print what was measured
+    try:
+        runner.run()
+    except BrokenDevice as exc:
+        broken = exc
+    except KeyboardInterrupt:
+        print("\ninterrupted: writing what was measured", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print()
+    print(report.format_table(result))
+    print(f"\nresults: {json_path}")
+    draw(json_path, png_path)
+    failed = any(
+        "error" in r
+        for r in result["speed"] + result["accuracy"]
+        if result["implementations"][r["implementation"]]["kind"] == "quantattn"
+    )
+    if broken is not None:
+        print(f"the run stopped early: {broken}", file=sys.stderr)
+    return EXIT_FAILED if failed or broken is not None else 0
