@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -72,6 +73,14 @@ class ReferenceBackend:
             out.copy_(res)
 
 
+def unsupported(call: AttentionCall) -> list[str]:
+    """What the Triton kernels cannot do yet (the reference backend can)."""
+    reasons = []
+    if call.cfg.smooth_q and (call.is_varlen or call.cfg.qk_granularity == "per_tensor"):
+        reasons.append("smooth_q with varlen or per_tensor granularity is reference-only")
+    return reasons
+
+
 class TritonBackend:
     """The Triton kernels: NVIDIA GPUs of compute capability 8.0 and newer (FP8 PV: 8.9 and newer)."""
 
@@ -80,10 +89,8 @@ class TritonBackend:
     fp8_capability = (8, 9)
 
     def reasons(self, call: AttentionCall) -> list[str]:
-        try:
-            from quantattn.kernels.launch import unsupported
-        except ImportError as e:
-            return [f"triton is not importable ({e})"]
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed"]
         dev = call.q.device
         if dev.type != "cuda":
             if dev.type == "cpu" and interpreter_active():

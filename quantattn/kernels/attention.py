@@ -31,26 +31,40 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, other, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, D_PAD] tile, masking only what may be out of bounds: unmasked loads vectorize."""
+    if MASK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=rows_ok[:, None], other=other)
+        return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=other)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=cols_ok[None, :], other=other)
+
+
+@triton.jit
 def _attend_block(
     acc, m_i, l_i, q_i8, q_scale, delta_rows, kv_row0, k_len, offs_m_causal,
-    K_blk, stride_kn, KS_blk, V_blk, stride_vn, stride_vd, DS_blk,
-    offs_n, cols,
+    k_ptrs, stride_kn, KS_blk, v_ptrs, stride_vn, DS_blk, offs_n, cols,
     MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, PV_MODE: tl.constexpr,
     P_SCALE: tl.constexpr, PV_DTYPE: tl.constexpr, EXACT_CASTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):  # fmt: skip
+    """One step of the online softmax over keys kv_row0 .. kv_row0 + BLOCK_N (pointer tiles at key 0)."""
     keys = kv_row0 + offs_n
+    key_ok = keys < k_len
     cmask = cols < HEAD_DIM
-    kmask = cmask[None, :]
+    k = _load_tile(k_ptrs + kv_row0 * stride_kn, key_ok, cmask, 0, MASK, EVEN_D)
     if MASK:
-        kmask = kmask & (keys[:, None] < k_len)
-    k = tl.load(K_blk + keys[:, None].to(tl.int64) * stride_kn + cols[None, :], mask=kmask, other=0)
-    k_scale = tl.load(KS_blk + keys, mask=keys < k_len, other=0.0)
+        k_scale = tl.load(KS_blk + keys, mask=key_ok, other=0.0)
+    else:
+        k_scale = tl.load(KS_blk + keys)
     s = tl.dot(q_i8, tl.trans(k)).to(tl.float32) * q_scale[:, None]
     s = s * k_scale[None, :]
     if SMOOTH_Q:
-        s += tl.load(DS_blk + delta_rows[:, None] + keys[None, :], mask=(keys < k_len)[None, :], other=0.0)
+        s += tl.load(DS_blk + delta_rows[:, None] + keys[None, :], mask=key_ok[None, :], other=0.0)
     if MASK:
-        visible = (keys < k_len)[None, :]
+        visible = key_ok[None, :]
         if IS_CAUSAL:
             visible = visible & (keys[None, :] <= offs_m_causal[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -59,12 +73,8 @@ def _attend_block(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    vmask = cmask[None, :]
-    if MASK:
-        vmask = vmask & (keys[:, None] < k_len)
-    v_ptrs = V_blk + keys[:, None].to(tl.int64) * stride_vn + cols[None, :].to(tl.int64) * stride_vd
+    v = _load_tile(v_ptrs + kv_row0 * stride_vn, key_ok, cmask, 0.0, MASK, EVEN_D)
     if PV_MODE >= PV_F8_TWO_LEVEL:
-        v = tl.load(v_ptrs, mask=vmask, other=0.0)
         p8 = to_fp8_e4m3(p * P_SCALE, EXACT_CASTS)
         if PV_MODE == PV_F8_TWO_LEVEL:
             acc = acc * alpha[:, None] + tl.dot(p8, v)
@@ -73,7 +83,7 @@ def _attend_block(
         else:
             acc = acc * alpha[:, None] + tl.dot(p8, v, out_dtype=tl.float16).to(tl.float32)
     else:
-        v = cast(tl.load(v_ptrs, mask=vmask, other=0.0), PV_DTYPE, EXACT_CASTS)
+        v = cast(v, PV_DTYPE, EXACT_CASTS)
         p16 = cast(p, PV_DTYPE, EXACT_CASTS)
         if PV_MODE == PV_F16_ACC32:
             if EXACT_CASTS and PV_DTYPE == tl.bfloat16:
@@ -157,6 +167,9 @@ def sage_attention_kernel(
     K_blk = K + b64 * stride_kb + kvh64 * stride_kh + k_start.to(tl.int64) * stride_kn
     KS_blk = K_SCALE + b64 * stride_sb + kvh64 * stride_sh + k_start.to(tl.int64)
     V_blk = V + b64 * stride_vb + kvh64 * stride_vh + k_start.to(tl.int64) * stride_vn
+    # pointer tiles at key 0, computed once: each step only adds a scalar offset
+    k_ptrs = K_blk + offs_n[:, None] * stride_kn + cols[None, :]
+    v_ptrs = V_blk + offs_n[:, None] * stride_vn + cols[None, :].to(tl.int64) * stride_vd
     DS_blk = DELTA_S + b64 * stride_db + h64 * stride_dh
     causal_shift = k_len - q_len  # bottom-right alignment: row i sees keys j <= i + k_len - q_len
     offs_m_causal = offs_m + causal_shift
@@ -173,14 +186,14 @@ def sage_attention_kernel(
     for n0 in range(0, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q_i8, q_scale, delta_rows, n0, k_len, offs_m_causal,
-            K_blk, stride_kn, KS_blk, V_blk, stride_vn, stride_vd, DS_blk, offs_n, cols,
-            False, IS_CAUSAL, SMOOTH_Q, PV_MODE, P_SCALE, PV_DTYPE, EXACT_CASTS, HEAD_DIM,
+            k_ptrs, stride_kn, KS_blk, v_ptrs, stride_vn, DS_blk, offs_n, cols,
+            False, IS_CAUSAL, SMOOTH_Q, PV_MODE, P_SCALE, PV_DTYPE, EXACT_CASTS, HEAD_DIM, HEAD_DIM == D_PAD,
         )  # fmt: skip
     for n0 in range(unmasked_end, end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q_i8, q_scale, delta_rows, n0, k_len, offs_m_causal,
-            K_blk, stride_kn, KS_blk, V_blk, stride_vn, stride_vd, DS_blk, offs_n, cols,
-            True, IS_CAUSAL, SMOOTH_Q, PV_MODE, P_SCALE, PV_DTYPE, EXACT_CASTS, HEAD_DIM,
+            k_ptrs, stride_kn, KS_blk, v_ptrs, stride_vn, DS_blk, offs_n, cols,
+            True, IS_CAUSAL, SMOOTH_Q, PV_MODE, P_SCALE, PV_DTYPE, EXACT_CASTS, HEAD_DIM, HEAD_DIM == D_PAD,
         )  # fmt: skip
 
     # ---- epilogue: normalize, undo the V scale and smoothing, store ----

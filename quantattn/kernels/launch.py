@@ -217,16 +217,6 @@ def sequences(call_tensor: torch.Tensor, cu_seqlens, max_seqlen: int) -> Sequenc
     return Sequences(cu_seqlens.numel() - 1, 0, max_seqlen, cu_seqlens.to(torch.int32))
 
 
-def unsupported(call) -> list[str]:
-    """What the Triton path cannot do yet (the reference backend can)."""
-    reasons = []
-    if call.cfg.smooth_q and (call.is_varlen or call.cfg.qk_granularity == "per_tensor"):
-        reasons.append("smooth_q with varlen or per_tensor granularity is reference-only")
-    if call.cfg.pv_accum == "fp16+fp32" and call.cfg.pv_dtype != "fp16":
-        reasons.append("an FP16 accumulator needs FP16 PV operands")
-    return reasons
-
-
 def sage_forward(call) -> None:
     """Whole call: preprocess K/V, then the attention kernel (Q is quantized inside it)."""
     seqs_k = sequences(call.k, call.cu_seqlens_k, call.max_seqlen_k)
