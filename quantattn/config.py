@@ -38,7 +38,7 @@ FP16_ACCUM_KEYS = 64  # keys summed in one FP16 partial (2++), before it joins t
 # Keys per online-softmax step. Part of the numerics: P is quantized against the running maximum of
 # its step, and a fresh (second-level) PV accumulator spans one step. FP16 accumulators keep 64-key
 # steps, so that one partial never sums more than FP16_ACCUM_KEYS products.
-KV_BLOCK = 64
+KV_BLOCK = 128
 FP8_MMA_KEYS = 32  # keys one FP8 MMA (m16n8k32) reduces: the FP22 accumulator rounds after each
 FP16_MMA_KEYS = 16  # keys one FP16 MMA (m16n8k16) reduces
 

@@ -1,7 +1,7 @@
 """The SageAttention kernel: one body for every variant, specialized by constexpr flags.
 
 Per program: one BLOCK_M tile of queries of one head. Q is loaded once, smoothed and quantized in
-registers (so no pass over Q precedes the kernel), then an online softmax runs over 64-key blocks of
+registers (so no pass over Q precedes the kernel), then an online softmax runs over key blocks (config.KV_BLOCK) of
 the pre-quantized K and V: INT8 QK^T with INT32 accumulation, exp2 with sm_scale * log2(e) folded
 into Q's scale, and PV in FP8 or FP16/BF16 with the accumulator the config names.
 """
@@ -59,23 +59,34 @@ def _attend_block(
         k_scale = tl.load(KS_blk + keys, mask=key_ok, other=0.0)
     else:
         k_scale = tl.load(KS_blk + keys)
-    s = tl.dot(q_i8, tl.trans(k)).to(tl.float32) * q_scale[:, None]
-    s = s * k_scale[None, :]
+    # scores s = (qk * k_scale) * q_scale; q_scale > 0 commutes with the row max, so the row's
+    # multiply joins the exponent's subtraction in one FMA (one multiply per score, not two)
+    s = tl.dot(q_i8, tl.trans(k)).to(tl.float32) * k_scale[None, :]
     if SMOOTH_Q:
-        s += tl.load(DS_blk + delta_rows[:, None] + keys[None, :], mask=key_ok[None, :], other=0.0)
+        s = s * q_scale[:, None] + tl.load(DS_blk + delta_rows[:, None] + keys[None, :], mask=key_ok[None, :], other=0.0)
     if MASK:
         visible = key_ok[None, :]
         if IS_CAUSAL:
             visible = visible & (keys[None, :] <= offs_m_causal[:, None])
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SMOOTH_Q:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * q_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    if SMOOTH_Q:
+        p = tl.exp2(s - m_safe[:, None])
+    else:
+        p = tl.exp2(s * q_scale[:, None] - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(v_ptrs + kv_row0 * stride_vn, key_ok, cmask, 0.0, MASK, EVEN_D)
     if PV_MODE >= PV_F8_TWO_LEVEL:
-        p8 = to_fp8_e4m3(p * P_SCALE, EXACT_CASTS)
+        if EXACT_CASTS:
+            p8 = to_fp8_e4m3(p * P_SCALE, True)
+        else:
+            # P * P_SCALE lies in [0, 448] or is NaN: the hardware's satfinite cast needs no clamping
+            p8 = (p * P_SCALE).to(tl.float8e4nv)
         if PV_MODE == PV_F8_TWO_LEVEL:
             acc = acc * alpha[:, None] + tl.dot(p8, v)
         elif PV_MODE == PV_F8_ONE_LEVEL:

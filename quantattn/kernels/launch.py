@@ -202,7 +202,8 @@ def tile_config(d_pad: int, on_gpu: bool) -> tuple[int, int, int]:
         return bm, warps, stages
     if not on_gpu:
         return 64, 4, 1
-    return (128, 8, 3) if d_pad <= 128 else (64, 4, 2)
+    # measured on the H100 (docs/perf-notes.md): one warpgroup per 64 query rows beats two
+    return (64, 4, 3) if d_pad <= 128 else (64, 4, 2)
 
 
 def _triton_dtype(cfg: QuantConfig):

@@ -161,8 +161,8 @@ def attention_quantized(
     delta_s = expand_rows(q.delta_s, C.Q_BLOCK_ROWS, nq) if q.delta_s is not None else None
     for start in range(0, nk, block_n):
         end = min(start + block_n, nk)
-        s = (q.values @ k[..., start:end, :].transpose(-1, -2)) * q.scale[..., None]
-        s = s * k_scale[..., None, start:end]
+        s = (q.values @ k[..., start:end, :].transpose(-1, -2)) * k_scale[..., None, start:end]
+        s = s * q.scale[..., None]
         if delta_s is not None:
             s = s + delta_s[..., start:end]
         if is_causal:
