@@ -36,9 +36,12 @@ P_SCALE = {"fp32+fp32": 448.0, "fp32": 448.0, "fp32+fp16": 224.0}
 V_RANGE = {"fp32+fp32": 448.0, "fp32": 448.0, "fp32+fp16": 4.5}
 FP16_ACCUM_KEYS = 64  # keys summed in one FP16 partial (2++), before it joins the FP32 buffer
 # Keys per online-softmax step. Part of the numerics: P is quantized against the running maximum of
-# its step, and a fresh (second-level) PV accumulator spans one step. FP16 accumulators keep 64-key
-# steps, so that one partial never sums more than FP16_ACCUM_KEYS products.
+# its step, and a fresh (second-level) PV accumulator spans one step. FP8 PV with FP32 accumulators
+# takes 128 keys a step (fastest on the H100, docs/perf-notes.md); FP16 accumulators keep 64, so that one
+# partial never sums more than FP16_ACCUM_KEYS products, and FP16/BF16 PV keeps 64 (at 128 its P and V
+# tiles spill registers).
 KV_BLOCK = 128
+KV_BLOCK_16BIT_PV = 64
 FP8_MMA_KEYS = 32  # keys one FP8 MMA (m16n8k32) reduces: the FP22 accumulator rounds after each
 FP16_MMA_KEYS = 16  # keys one FP16 MMA (m16n8k16) reduces
 
@@ -92,7 +95,9 @@ class QuantConfig:
 
     @property
     def kv_block(self) -> int:
-        return FP16_ACCUM_KEYS if self.pv_accum.endswith("+fp16") or self.pv_accum == "fp16+fp32" else KV_BLOCK
+        if self.pv_accum in ("fp32+fp16", "fp16+fp32"):
+            return FP16_ACCUM_KEYS
+        return KV_BLOCK if self.is_fp8_pv else KV_BLOCK_16BIT_PV
 
     def replace(self, **changes) -> QuantConfig:
         return dataclasses.replace(self, **changes)

@@ -52,6 +52,9 @@ class Sequences:
         return self.cu_seqlens is not None
 
 
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, max, min [S, H, d]
+
+
 @dataclass
 class QuantizedKV:
     """K and V after preprocessing, ready for the attention kernel (reusable across queries)."""
@@ -60,23 +63,28 @@ class QuantizedKV:
     k_scale: torch.Tensor  # float32 [B, Hkv, N] (NaN for keys with a non-finite element)
     v: torch.Tensor  # FP8 [B, Hkv, d, N_pad] / smoothed V in the PV dtype / the caller's V
     v_transposed: bool
-    k_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, max, min [S, Hkv, d]
-    v_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    k_stats: Stats
+    v_stats: Stats
     cfg: QuantConfig
     seqs: Sequences
 
 
-def token_stats(x: torch.Tensor, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, max and min over tokens of the finite elements, per (sequence, head, channel)."""
+def token_stats(seqs: Sequences, x: torch.Tensor, y: torch.Tensor | None = None) -> list[Stats]:
+    """Mean, max and min over tokens of the finite elements, per (sequence, head, channel), of x
+    (and of y, same shape, in the same launch)."""
+    tensors = [x] if y is None else [x, y]
     _, h, _, d = x.shape
-    stats = torch.empty(3, seqs.count, h, d, dtype=torch.float32, device=x.device)
-    if seqs.count * h:
-        token_stats_kernel[(seqs.count * h,)](
+    stats = torch.empty(len(tensors), 3, seqs.count, h, d, dtype=torch.float32, device=x.device)
+    n_programs = seqs.count * h
+    if n_programs:
+        second = tensors[-1]
+        token_stats_kernel[(len(tensors) * n_programs,)](
             x, x.stride(0), x.stride(1), x.stride(2),
-            _cu(seqs, x), seqs.n_dense, h, stats[0], stats[1], stats[2],
+            second, second.stride(0), second.stride(1), second.stride(2),
+            _cu(seqs, x), seqs.n_dense, h, n_programs, stats,
             HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=STATS_BLOCK, IS_VARLEN=seqs.is_varlen,
         )  # fmt: skip
-    return stats[0], stats[1], stats[2]
+    return [tuple(t.unbind(0)) for t in stats.unbind(0)]
 
 
 def _cu(seqs: Sequences, like: torch.Tensor) -> torch.Tensor:
@@ -92,8 +100,11 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
     """Smooth and quantize K (and V, for FP8 PV or smooth V): two passes over each."""
     k, v = _check_strides("k", k), _check_strides("v", v)
     b, h, n, d = k.shape
-    k_stats = token_stats(k, seqs)
-    v_stats = token_stats(v, seqs) if (cfg.is_fp8_pv or cfg.smooth_v) else k_stats
+    if cfg.is_fp8_pv or cfg.smooth_v:
+        k_stats, v_stats = token_stats(seqs, k, v)
+    else:
+        (k_stats,) = token_stats(seqs, k)
+        v_stats = k_stats  # unused: V goes to the kernel as it is
     kq = torch.empty(b, h, n, d, dtype=torch.int8, device=k.device)
     k_scale = torch.empty(b, h, n, dtype=torch.float32, device=k.device)
     if cfg.is_fp8_pv:
@@ -159,7 +170,7 @@ def attention(
     hkv = kv.k.shape[1]
     qk_scale = sm_scale * LOG2E
     dummy = kv.k_scale
-    q_stats = token_stats(q, seqs_q) if cfg.qk_granularity == "per_tensor" else (dummy, dummy, dummy)
+    q_stats = token_stats(seqs_q, q)[0] if cfg.qk_granularity == "per_tensor" else (dummy, dummy, dummy)
     if cfg.smooth_q:
         means, delta = _smooth_q_terms(q, kv, k, qk_scale)
         means_args = (means, means.stride(0), means.stride(1))
@@ -170,7 +181,7 @@ def attention(
     v_strides = (v.stride(0), v.stride(1), 1, v.stride(2)) if kv.v_transposed else (*v.stride()[:3], 1)
     lse_args = (lse, lse.stride(0), lse.stride(1)) if lse is not None else (dummy, 0, 0)
     d_pad = head_dim_pad(d)
-    block_m, num_warps, num_stages = tile_config(d_pad, q.is_cuda)
+    block_m, num_warps, num_stages = tile_config(d_pad, cfg, q.is_cuda)
     block_n = int(os.environ.get("QUANTATTN_BLOCK_N", cfg.kv_block))  # experiments only: changes the numerics
     grid = (triton.cdiv(seqs_q.max_len, block_m), seqs_q.count * hq)
     return sage_attention_kernel[grid](
@@ -195,15 +206,18 @@ def attention(
     )  # fmt: skip
 
 
-def tile_config(d_pad: int, on_gpu: bool) -> tuple[int, int, int]:
+def tile_config(d_pad: int, cfg: QuantConfig, on_gpu: bool) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, num_stages); QUANTATTN_TILE="BM,warps,stages" overrides it for tuning runs."""
     if os.environ.get("QUANTATTN_TILE"):
         bm, warps, stages = (int(x) for x in os.environ["QUANTATTN_TILE"].split(","))
         return bm, warps, stages
     if not on_gpu:
         return 64, 4, 1
-    # measured on the H100 (docs/perf-notes.md): one warpgroup per 64 query rows beats two
-    return (64, 4, 3) if d_pad <= 128 else (64, 4, 2)
+    if d_pad > 128:
+        return 64, 4, 2
+    # measured on the H100 (docs/perf-notes.md): FP8 PV runs best with one warpgroup per 64 query rows,
+    # FP16/BF16 PV (64-key steps) with two warpgroups per 128 rows
+    return (64, 4, 3) if cfg.is_fp8_pv else (128, 8, 3)
 
 
 def _triton_dtype(cfg: QuantConfig):

@@ -31,33 +31,46 @@ def seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN: tl.constexpr):
 @triton.jit
 def token_stats_kernel(
     X, stride_xb, stride_xh, stride_xn,
-    cu_seqlens, n_dense, H,
-    MEAN, MAX, MIN,
+    Y, stride_yb, stride_yh, stride_yn,
+    cu_seqlens, n_dense, H, n_programs,
+    STATS,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """Per (sequence, head, channel): mean, max and min of the finite elements over the tokens."""
+    """Per (tensor, sequence, head, channel): mean, max and min of the finite elements over the tokens.
+
+    Programs [0, n_programs) read X, the next n_programs read Y (K and V in one launch); STATS is
+    [tensors, 3, sequences, H, HEAD_DIM] float32 (mean, max, min).
+    """
     pid = tl.program_id(0)
-    seq, h = pid // H, pid % H
+    which = pid // n_programs
+    local = pid % n_programs
+    seq, h = local // H, local % H
     b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN)
+    if which == 0:
+        base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + start.to(tl.int64) * stride_xn
+        stride_n = stride_xn
+    else:
+        base = Y + b.to(tl.int64) * stride_yb + h.to(tl.int64) * stride_yh + start.to(tl.int64) * stride_yn
+        stride_n = stride_yn
     cols = tl.arange(0, D_PAD)
     rows = tl.arange(0, BLOCK_N)
-    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + start.to(tl.int64) * stride_xn
     total = tl.zeros((D_PAD,), tl.float32)
     cmax = tl.full((D_PAD,), float("-inf"), tl.float32)
     cmin = tl.full((D_PAD,), float("inf"), tl.float32)
     for r0 in range(0, n, BLOCK_N):
         r = r0 + rows
         mask = (r[:, None] < n) & (cols[None, :] < HEAD_DIM)
-        x = tl.load(base + r[:, None].to(tl.int64) * stride_xn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(base + r[:, None].to(tl.int64) * stride_n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         ok = is_finite(x) & mask
         total += tl.sum(tl.where(ok, x, 0.0), 0)
         cmax = tl.maximum(cmax, tl.max(tl.where(ok, x, float("-inf")), 0))
         cmin = tl.minimum(cmin, tl.min(tl.where(ok, x, float("inf")), 0))
-    out = pid.to(tl.int64) * HEAD_DIM + cols
+    plane = (local.to(tl.int64) * 0 + n_programs) * HEAD_DIM  # one (mean | max | min) plane of one tensor
+    out = STATS + which.to(tl.int64) * 3 * plane + local.to(tl.int64) * HEAD_DIM + cols
     cmask = cols < HEAD_DIM
-    tl.store(MEAN + out, total / tl.maximum(n * 1.0, 1.0), mask=cmask)
-    tl.store(MAX + out, cmax, mask=cmask)
-    tl.store(MIN + out, cmin, mask=cmask)
+    tl.store(out, total / tl.maximum(n * 1.0, 1.0), mask=cmask)
+    tl.store(out + plane, cmax, mask=cmask)
+    tl.store(out + 2 * plane, cmin, mask=cmask)
 
 
 @triton.jit

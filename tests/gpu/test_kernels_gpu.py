@@ -108,6 +108,15 @@ def test_long_sequences(n):
         check(q, k, v, QuantConfig(), is_causal=causal)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (1, 1, 2, 128), (3, 1, 65, 32)])
+def test_tiny_shapes(shape):
+    """Sizes of 1 make Triton specialize integer arguments into constants: every path must still compile."""
+    q, k, v = (make(s, *shape) for s in (30, 31, 32))
+    for causal in (False, True):
+        check(q, k, v, QuantConfig(), is_causal=causal)
+        check(q, k, v, QuantConfig(qk_granularity="per_tensor", pv_dtype="fp16", pv_accum="fp32", smooth_v=True))
+
+
 def test_gqa_mqa_and_lse():
     q, k, v = make(13, 2, 16, 600, 64), make(14, 2, 1, 900, 64), make(15, 2, 1, 900, 64)
     out, lse = qa.sageattn(q, k, v, is_causal=True, return_lse=True)
