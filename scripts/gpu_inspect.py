@@ -84,6 +84,19 @@ def main():
             report["rows"].append({"variant": label, "whole_tops": flops / ms / 1e9})
         except RuntimeError as e:
             print(f"{label}: unavailable ({str(e)[:80]})")
+    # host-side cost of one whole call: a tiny problem, timed on the host clock with a sync per call
+    import time
+
+    tq, tk, tv = (torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for _ in range(20):
+        sageattn(tq, tk, tv)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        sageattn(tq, tk, tv)
+    torch.cuda.synchronize()
+    report["host_us_per_call"] = (time.perf_counter() - t0) / 200 * 1e6
+    print(f"whole call on [1, 1, 64, 128]: {report['host_us_per_call']:.0f} us per call (host-bound)")
     # cost of the exact rounding helpers (the interpreter's path) on the GPU, default variant
     cfg = VARIANTS["sage2-8b"]
     kv = launch.preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -73,6 +74,11 @@ class ReferenceBackend:
             out.copy_(res)
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def unsupported(call: AttentionCall) -> list[str]:
     """What the Triton kernels cannot do yet (the reference backend can)."""
     reasons = []
@@ -89,7 +95,7 @@ class TritonBackend:
     fp8_capability = (8, 9)
 
     def reasons(self, call: AttentionCall) -> list[str]:
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return ["triton is not installed"]
         dev = call.q.device
         if dev.type != "cuda":

@@ -113,8 +113,14 @@ def test_tiny_shapes(shape):
     """Sizes of 1 make Triton specialize integer arguments into constants: every path must still compile."""
     q, k, v = (make(s, *shape) for s in (30, 31, 32))
     for causal in (False, True):
-        check(q, k, v, QuantConfig(), is_causal=causal)
-        check(q, k, v, QuantConfig(qk_granularity="per_tensor", pv_dtype="fp16", pv_accum="fp32", smooth_v=True))
+        for cfg in (QuantConfig(), QuantConfig(qk_granularity="per_tensor", pv_dtype="fp16", pv_accum="fp32")):
+            out = qa.sageattn(q, k, v, config=cfg, is_causal=causal)
+            ref = qa.sageattn(q, k, v, config=cfg, is_causal=causal, backend="reference")
+            truth = attention_fp64(q, k, v, causal)
+            # a handful of outputs: one rounding flip is a large share of the error, so the bound adds
+            # one bfloat16 ulp (2**-8 relative) to twice the reference's own error
+            assert torch.isfinite(out).all()
+            assert rel_l1(out, truth) <= 2 * rel_l1(ref, truth) + 2**-8
 
 
 def test_gqa_mqa_and_lse():
