@@ -33,32 +33,34 @@ ABLATIONS = {
 }
 
 
-def accuracy_rows(names, shape, device, backend, seed=0):
+def accuracy_rows(names, shape, device, backends, seed=0):
+    """One row per (variant, backend, input kind); every backend sees the same inputs."""
     b, h, n, d = shape
     rows = []
     for kind in ("normal", "outliers"):
         q, k, v = metrics.make_qkv(b, h, n, d, device=device, outliers=kind == "outliers", seed=seed)
         truth = attention_fp64(q, k, v)
         for name in names:
-            out = sageattn(q, k, v, config=ABLATIONS[name], backend=backend)
-            rows.append({"variant": name, "inputs": kind, "config": ABLATIONS[name].name,
-                         **metrics.accuracy_metrics(out, truth)})  # fmt: skip
+            for backend in backends:
+                out = sageattn(q, k, v, config=ABLATIONS[name], backend=backend)
+                rows.append({"variant": name, "backend": backend, "inputs": kind, "config": ABLATIONS[name].name,
+                             **metrics.accuracy_metrics(out, truth)})  # fmt: skip
     return rows
 
 
 def format_table(rows) -> str:
-    names = list(dict.fromkeys(r["variant"] for r in rows))
-    by = {(r["variant"], r["inputs"]): r for r in rows}
+    keys = list(dict.fromkeys((r["variant"], r["backend"]) for r in rows))
+    by = {(r["variant"], r["backend"], r["inputs"]): r for r in rows}
     lines = [
-        "| variant | normal cosine | normal rel L1 | outliers cosine | outliers rel L1 |",
-        "|---|---|---|---|---|",
+        "| variant | backend | normal cosine | normal rel L1 | outliers cosine | outliers rel L1 |",
+        "|---|---|---|---|---|---|",
     ]
-    for name in names:
+    for name, backend in keys:
         cells = []
         for kind in ("normal", "outliers"):
-            r = by.get((name, kind))
+            r = by.get((name, backend, kind))
             cells += [f"{r['cosine']:.6f}", f"{r['rel_l1']:.4f}"] if r else ["", ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {backend} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -66,6 +68,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantattn.accuracy", description=__doc__)
     parser.add_argument("--shape", default="1,8,4096,128", help="B,H,N,d (default 1,8,4096,128)")
     parser.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
+    parser.add_argument(
+        "--with-reference", action="store_true", help="also run the reference on the same inputs, row by row"
+    )
     parser.add_argument("--variants", nargs="*", default=list(ABLATIONS), help=f"from: {', '.join(ABLATIONS)}")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
@@ -78,7 +83,8 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message="quantattn: CPU tensors")
-    rows = accuracy_rows(args.variants, shape, device, backend)
+    backends = [backend] + (["reference"] if args.with_reference and backend != "reference" else [])
+    rows = accuracy_rows(args.variants, shape, device, backends)
     print(f"accuracy against FP64 attention, shape {shape}, backend {backend}, device {device}")
     print(format_table(rows))
     if args.json:
