@@ -164,29 +164,57 @@ def sageattn_varlen(
     return (out, lse[0]) if return_lse else out
 
 
-def _explicit(doc: str, **fixed):
-    """An official-package entry point: sageattn with some options fixed, the rest as keywords."""
-
-    def variant(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False, **options):
-        options.pop("quantization_backend", None)  # official Triton-vs-CUDA quantization choice; one path here
-        return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, **{**fixed, **options})
-
-    variant.__doc__ = doc
-    return variant
+# The official package's explicit entry points, with its positional order, so that calls written for it
+# (positional or keyword) mean the same here. The `_cuda` names run quantattn's Triton kernels.
 
 
-sageattn_qk_int8_pv_fp16_triton = _explicit(
-    "SageAttention: INT8 QK per block, FP16 PV with an FP32 accumulator, smooth K.",
-    qk_quant_dtype="int8", qk_quant_gran="per_block", pv_dtype="fp16", pv_accum_dtype="fp32",
-)  # fmt: skip
-sageattn_qk_int8_pv_fp16_cuda = _explicit(
-    "SageAttention with the official CUDA entry's defaults (per-thread INT8 QK, FP16 PV, FP32 accumulator); "
-    "runs quantattn's Triton kernels.",
-    qk_quant_dtype="int8", pv_dtype="fp16", pv_accum_dtype="fp32", qk_quant_gran="per_thread",
-)  # fmt: skip
-sageattn_qk_int8_pv_fp8_cuda = _explicit(
-    "SageAttention2: per-thread INT8 QK, FP8 PV with two-level FP32 accumulation; runs quantattn's Triton kernels.",
-    qk_quant_dtype="int8", pv_dtype="fp8", pv_accum_dtype="fp32+fp32", qk_quant_gran="per_thread",
-)  # fmt: skip
-sageattn_qk_int8_pv_fp8_cuda_sm90 = sageattn_qk_int8_pv_fp8_cuda
+def sageattn_qk_int8_pv_fp16_triton(
+    q, k, v, tensor_layout="HND", quantization_backend="triton", is_causal=False, sm_scale=None,
+    smooth_k=True, return_lse=False, **options,
+):  # fmt: skip
+    """SageAttention: INT8 QK per block, FP16 PV with an FP32 accumulator, smooth K.
+
+    quantization_backend ("triton" or "cuda" in the official package) is accepted and has no effect:
+    quantattn has one quantization path."""
+    if quantization_backend not in ("triton", "cuda"):
+        raise ValueError(f"quantization_backend must be 'triton' or 'cuda', got {quantization_backend!r}")
+    options = {"qk_quant_gran": "per_block", "pv_dtype": "fp16", "pv_accum_dtype": "fp32", **options}
+    return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, smooth_k=smooth_k, **options)
+
+
+def sageattn_qk_int8_pv_fp16_cuda(
+    q, k, v, tensor_layout="HND", is_causal=False, qk_quant_gran="per_thread", sm_scale=None,
+    pv_accum_dtype="fp32", smooth_k=True, smooth_v=False, return_lse=False, **options,
+):  # fmt: skip
+    """SageAttention with the official CUDA entry's defaults: per-thread INT8 QK, FP16 PV, FP32 accumulator."""
+    options = {"pv_dtype": "fp16", **options}
+    return sageattn(
+        q, k, v, tensor_layout, is_causal, sm_scale, return_lse, qk_quant_gran=qk_quant_gran,
+        pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k, smooth_v=smooth_v, **options,
+    )  # fmt: skip
+
+
+def sageattn_qk_int8_pv_fp8_cuda(
+    q, k, v, tensor_layout="HND", is_causal=False, qk_quant_gran="per_thread", sm_scale=None,
+    pv_accum_dtype="fp32+fp32", smooth_k=True, smooth_v=False, return_lse=False, **options,
+):  # fmt: skip
+    """SageAttention2: per-thread INT8 QK, FP8 PV with two-level FP32 accumulation."""
+    options = {"pv_dtype": "fp8", **options}
+    return sageattn(
+        q, k, v, tensor_layout, is_causal, sm_scale, return_lse, qk_quant_gran=qk_quant_gran,
+        pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k, smooth_v=smooth_v, **options,
+    )  # fmt: skip
+
+
+def sageattn_qk_int8_pv_fp8_cuda_sm90(
+    q, k, v, tensor_layout="HND", is_causal=False, qk_quant_gran="per_thread", sm_scale=None,
+    pv_accum_dtype="fp32+fp32", smooth_k=True, return_lse=False, **options,
+):  # fmt: skip
+    """SageAttention2 as the official Hopper entry point takes it (no smooth_v argument)."""
+    return sageattn_qk_int8_pv_fp8_cuda(
+        q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, pv_accum_dtype, smooth_k,
+        return_lse=return_lse, **options,
+    )  # fmt: skip
+
+
 sageattn_qk_int8_pv_fp8_triton = sageattn_qk_int8_pv_fp8_cuda

@@ -91,14 +91,14 @@ def _cu(seqs: Sequences, like: torch.Tensor) -> torch.Tensor:
     return seqs.cu_seqlens if seqs.cu_seqlens is not None else like
 
 
-def _check_strides(name: str, x: torch.Tensor) -> torch.Tensor:
+def _check_strides(x: torch.Tensor) -> torch.Tensor:
     """The kernels read rows with arbitrary strides but want the channel stride 1."""
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
 def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences) -> QuantizedKV:
     """Smooth and quantize K (and V, for FP8 PV or smooth V): two passes over each."""
-    k, v = _check_strides("k", k), _check_strides("v", v)
+    k, v = _check_strides(k), _check_strides(v)
     b, h, n, d = k.shape
     if cfg.is_fp8_pv or cfg.smooth_v:
         k_stats, v_stats = token_stats(seqs, k, v)
@@ -165,7 +165,7 @@ def attention(
     `k` (the unquantized K) is needed only for smooth Q's correction term. Returns Triton's compiled
     kernel handle (its .asm and register counts are what tools inspect)."""
     cfg = kv.cfg
-    q = _check_strides("q", q)
+    q = _check_strides(q)
     b, hq, nq, d = q.shape
     hkv = kv.k.shape[1]
     qk_scale = sm_scale * LOG2E

@@ -101,11 +101,26 @@ def test_explicit_variant_takes_keyword_overrides(qa, captured):
     q, k, v = qa.make_qkv(5, nq=16, d=16)
     quantattn.sageattn_qk_int8_pv_fp16_triton(q, k, v, pv_accum_dtype="fp16+fp32")
     quantattn.sageattn_qk_int8_pv_fp16_triton(q, k, v, smooth_k=False, quantization_backend="cuda")
-    quantattn.sageattn_qk_int8_pv_fp8_cuda(q, k, v, "HND", False, 0.5, pv_accum_dtype="fp32+fp16")
+    # the official positional order: tensor_layout, is_causal, qk_quant_gran, sm_scale
+    quantattn.sageattn_qk_int8_pv_fp8_cuda(q, k, v, "HND", False, "per_thread", 0.5, pv_accum_dtype="fp32+fp16")
     assert captured[0].cfg == SAGE1_FP16ACC
     assert captured[1].cfg == SAGE1.replace(smooth_k=False)
     assert captured[2].cfg == EXPLICIT["sageattn_qk_int8_pv_fp8_cuda"].replace(pv_accum="fp32+fp16")
     assert captured[2].sm_scale == 0.5
+
+
+def test_explicit_variants_keep_the_official_positional_order(qa, captured):
+    q, k, v = qa.make_qkv(6, nq=16, d=16)
+    quantattn.sageattn_qk_int8_pv_fp16_triton(q, k, v, "HND", "cuda", True, 0.25)
+    quantattn.sageattn_qk_int8_pv_fp16_cuda(q, k, v, "HND", True, "per_warp", 0.25, "fp16+fp32")
+    quantattn.sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, "HND", True, "per_warp", 0.25, "fp32")
+    for call, (gran, accum) in zip(
+        captured, [("per_block", "fp32"), ("per_warp", "fp16+fp32"), ("per_warp", "fp32")], strict=True
+    ):
+        assert call.is_causal and call.sm_scale == 0.25
+        assert (call.cfg.qk_granularity, call.cfg.pv_accum) == (gran, accum)
+    with pytest.raises(ValueError, match="quantization_backend"):
+        quantattn.sageattn_qk_int8_pv_fp16_triton(q, k, v, quantization_backend="cudnn")
 
 
 @pytest.mark.parametrize(
