@@ -48,7 +48,7 @@ def _attend_block(
     k_ptrs, stride_kn, KS_blk, v_ptrs, stride_vn, DS_blk, offs_n, cols,
     MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, PV_MODE: tl.constexpr,
     P_SCALE: tl.constexpr, PV_DTYPE: tl.constexpr, EXACT_CASTS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, ONE_Q_GROUP: tl.constexpr,
 ):  # fmt: skip
     """One step of the online softmax over keys kv_row0 .. kv_row0 + BLOCK_N (pointer tiles at key 0)."""
     keys = kv_row0 + offs_n
@@ -63,7 +63,11 @@ def _attend_block(
     # multiply joins the exponent's subtraction in one FMA (one multiply per score, not two)
     s = tl.dot(q_i8, tl.trans(k)).to(tl.float32) * k_scale[None, :]
     if SMOOTH_Q:
-        s = s * q_scale[:, None] + tl.load(DS_blk + delta_rows[:, None] + keys[None, :], mask=key_ok[None, :], other=0.0)
+        if ONE_Q_GROUP:  # the tile is one smooth-Q block: one correction row for all its queries
+            delta = tl.load(DS_blk + delta_rows + keys, mask=key_ok, other=0.0)[None, :]
+        else:
+            delta = tl.load(DS_blk + delta_rows[:, None] + keys[None, :], mask=key_ok[None, :], other=0.0)
+        s = s * q_scale[:, None] + delta
     if MASK:
         visible = key_ok[None, :]
         if IS_CAUSAL:
@@ -163,7 +167,10 @@ def sage_attention_kernel(
         grp = (offs_m // 64).to(tl.int64)
         means = Q_MEANS + b64 * stride_mb + h64 * stride_mh + grp[:, None] * HEAD_DIM + cols[None, :]
         q = q - tl.load(means, mask=cmask[None, :], other=0.0)
-        delta_rows = grp * stride_dm
+        if BLOCK_M == 64:
+            delta_rows = (m0 // 64).to(tl.int64) * stride_dm
+        else:
+            delta_rows = grp * stride_dm
     q = tl.where(finite & qmask, q, 0.0)
     if GRAN == PER_TENSOR:
         q_amax = channel_amax(0.0, tl.load(Q_MAX + stat_q, mask=cmask, other=0.0),
@@ -198,13 +205,13 @@ def sage_attention_kernel(
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q_i8, q_scale, delta_rows, n0, k_len, offs_m_causal,
             k_ptrs, stride_kn, KS_blk, v_ptrs, stride_vn, DS_blk, offs_n, cols,
-            False, IS_CAUSAL, SMOOTH_Q, PV_MODE, P_SCALE, PV_DTYPE, EXACT_CASTS, HEAD_DIM, HEAD_DIM == D_PAD,
+            False, IS_CAUSAL, SMOOTH_Q, PV_MODE, P_SCALE, PV_DTYPE, EXACT_CASTS, HEAD_DIM, HEAD_DIM == D_PAD, BLOCK_M == 64,
         )  # fmt: skip
     for n0 in range(unmasked_end, end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q_i8, q_scale, delta_rows, n0, k_len, offs_m_causal,
             k_ptrs, stride_kn, KS_blk, v_ptrs, stride_vn, DS_blk, offs_n, cols,
-            True, IS_CAUSAL, SMOOTH_Q, PV_MODE, P_SCALE, PV_DTYPE, EXACT_CASTS, HEAD_DIM, HEAD_DIM == D_PAD,
+            True, IS_CAUSAL, SMOOTH_Q, PV_MODE, P_SCALE, PV_DTYPE, EXACT_CASTS, HEAD_DIM, HEAD_DIM == D_PAD, BLOCK_M == 64,
         )  # fmt: skip
 
     # ---- epilogue: normalize, undo the V scale and smoothing, store ----

@@ -201,3 +201,13 @@ def test_fp8_rounding_helper_is_exact_in_the_interpreter():
     same = (got == want) & (torch.signbit(got) == torch.signbit(want)) | (torch.isnan(got) & torch.isnan(want))
     assert same.all(), x[~same][:10]
     assert not math.isnan(got[-4].item()) and got[-4].item() == -448.0
+
+
+def test_smooth_q_with_two_query_blocks_per_tile(monkeypatch):
+    """A 128-row tile holds two smooth-Q blocks, each with its own correction row (the GPU's tile for
+    FP16 PV); the interpreter's default tile holds one."""
+    monkeypatch.setenv("QUANTATTN_TILE", "128,4,1")
+    cfg = QuantConfig(smooth_q=True, pv_dtype="fp16", pv_accum="fp32")
+    q, k, v = make(33, 1, 2, 200, 64), make(34, 1, 2, 150, 64, outliers=True), make(35, 1, 2, 150, 64)
+    out, ref = run_both(q, k, v, cfg, is_causal=True)
+    assert_matches(out, ref, attention_fp64(q, k, v, is_causal=True))
