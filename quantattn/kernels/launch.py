@@ -12,10 +12,10 @@ from quantattn import config as C
 from quantattn.config import QuantConfig
 from quantattn.kernels import attention as A
 from quantattn.kernels.attention import sage_attention_kernel
-from quantattn.kernels.quant import preprocess_kv_kernel, token_stats_kernel
+from quantattn.kernels.quant import quantize_kv_kernel, token_stats_kernel
 from quantattn.reference.attention import LOG2E
 
-QUANT_BLOCK = C.K_BLOCK_KEYS  # keys per step of the K/V quantization (its per-block groups)
+QUANT_BLOCK = C.K_BLOCK_KEYS  # keys per program of the K/V quantization
 STATS_BLOCK = 64
 GRAN_CODE = {name: i for i, name in enumerate(C.QK_GRANULARITIES)}
 PV_MODE = {
@@ -69,16 +69,22 @@ class QuantizedKV:
     seqs: Sequences
 
 
-def token_stats(seqs: Sequences, x: torch.Tensor) -> Stats:
-    """Mean, max and min over tokens of the finite elements, per (sequence, head, channel)."""
+def token_stats(seqs: Sequences, x: torch.Tensor, y: torch.Tensor | None = None) -> list[Stats]:
+    """Mean, max and min over tokens of the finite elements, per (sequence, head, channel), of x
+    (and of y, same shape, in the same launch)."""
+    tensors = [x] if y is None else [x, y]
     _, h, _, d = x.shape
-    stats = torch.empty(3, seqs.count, h, d, dtype=torch.float32, device=x.device)
-    if seqs.count * h:
-        token_stats_kernel[(seqs.count * h,)](
-            x, x.stride(0), x.stride(1), x.stride(2), _cu(seqs, x), seqs.n_dense, h, stats,
+    stats = torch.empty(len(tensors), 3, seqs.count, h, d, dtype=torch.float32, device=x.device)
+    n_programs = seqs.count * h
+    if n_programs:
+        second = tensors[-1]
+        token_stats_kernel[(len(tensors) * n_programs,)](
+            x, x.stride(0), x.stride(1), x.stride(2),
+            second, second.stride(0), second.stride(1), second.stride(2),
+            _cu(seqs, x), seqs.n_dense, h, n_programs, stats,
             HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=STATS_BLOCK, IS_VARLEN=seqs.is_varlen,
         )  # fmt: skip
-    return stats[0], stats[1], stats[2]
+    return [tuple(t.unbind(0)) for t in stats.unbind(0)]
 
 
 def _cu(seqs: Sequences, like: torch.Tensor) -> torch.Tensor:
@@ -91,10 +97,14 @@ def _check_strides(x: torch.Tensor) -> torch.Tensor:
 
 
 def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences) -> QuantizedKV:
-    """Smooth and quantize K (and V, for FP8 PV or smooth V): two passes over each, one launch."""
+    """Smooth and quantize K (and V, for FP8 PV or smooth V): two passes over each."""
     k, v = _check_strides(k), _check_strides(v)
     b, h, n, d = k.shape
-    stats = torch.empty(2, 3, seqs.count, h, d, dtype=torch.float32, device=k.device)
+    if cfg.is_fp8_pv or cfg.smooth_v:
+        k_stats, v_stats = token_stats(seqs, k, v)
+    else:
+        (k_stats,) = token_stats(seqs, k)
+        v_stats = k_stats  # unused: V goes to the kernel as it is
     kq = torch.empty(b, h, n, d, dtype=torch.int8, device=k.device)
     k_scale = torch.empty(b, h, n, dtype=torch.float32, device=k.device)
     if cfg.is_fp8_pv:
@@ -106,11 +116,13 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
         v_mode, vq_strides = 2, (vq.stride(0), vq.stride(1), vq.stride(2), 1)
     else:
         vq, v_mode, vq_strides = v, 0, (v.stride(0), v.stride(1), v.stride(2), 1)
-    if seqs.count * h:
-        preprocess_kv_kernel[(seqs.count * h,)](
+    if seqs.count * h and seqs.max_len:
+        grid = (triton.cdiv(seqs.max_len, QUANT_BLOCK), seqs.count * h)
+        quantize_kv_kernel[grid](
             k, k.stride(0), k.stride(1), k.stride(2),
             v, v.stride(0), v.stride(1), v.stride(2),
-            _cu(seqs, k), seqs.n_dense, h, stats,
+            _cu(seqs, k), seqs.n_dense, h,
+            *k_stats, *v_stats,
             kq, kq.stride(0), kq.stride(1), kq.stride(2),
             k_scale, k_scale.stride(0), k_scale.stride(1),
             vq, *vq_strides,
@@ -119,7 +131,6 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
             EXACT_CASTS=exact_casts(k.device),
             HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen,
         )  # fmt: skip
-    k_stats, v_stats = (stats[0, 0], stats[0, 1], stats[0, 2]), (stats[1, 0], stats[1, 1], stats[1, 2])
     return QuantizedKV(kq, k_scale, vq, cfg.is_fp8_pv, k_stats, v_stats, cfg, seqs)
 
 
@@ -159,7 +170,7 @@ def attention(
     hkv = kv.k.shape[1]
     qk_scale = sm_scale * LOG2E
     dummy = kv.k_scale
-    q_stats = token_stats(seqs_q, q) if cfg.qk_granularity == "per_tensor" else (dummy, dummy, dummy)
+    q_stats = token_stats(seqs_q, q)[0] if cfg.qk_granularity == "per_tensor" else (dummy, dummy, dummy)
     if cfg.smooth_q:
         means, delta = _smooth_q_terms(q, kv, k, qk_scale)
         means_args = (means, means.stride(0), means.stride(1))
