@@ -58,8 +58,11 @@ def resolve_config(device: torch.device, config: QuantConfig | None, options: di
 
 
 def _run(call: AttentionCall, backend: str) -> None:
+    """Choose the backend (so that a refused choice is refused even for empty inputs), then run it."""
     global _warned_cpu
     chosen = select_backend(call, backend)
+    if not call.out.numel():
+        return
     if chosen.name == "reference" and call.q.device.type == "cpu" and not _warned_cpu:
         _warned_cpu = True
         warnings.warn(
@@ -107,10 +110,7 @@ def sageattn(
     lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device) if return_lse else None
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
     call = AttentionCall(qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse)
-    if out.numel():
-        _run(call, backend)
-    elif return_lse and lse.numel():
-        lse.fill_(-math.inf)  # heads with no keys
+    _run(call, backend)
     return (out, lse) if return_lse else out
 
 
@@ -159,8 +159,7 @@ def sageattn_varlen(
         qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
     )  # fmt: skip
-    if out.numel():
-        _run(call, backend)
+    _run(call, backend)
     return (out, lse[0]) if return_lse else out
 
 

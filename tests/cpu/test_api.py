@@ -76,6 +76,13 @@ def test_backend_triton_on_cpu_without_interpreter_is_refused(qa, monkeypatch):
         quantattn.sageattn(q, k, v, backend="triton")
 
 
+def test_backend_refusal_applies_to_empty_inputs(qa, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = qa.make_qkv(4, nq=16, d=16)
+    with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run this call"):
+        quantattn.sageattn(q[:, :, :0], k, v, backend="triton")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Configuration: explicit variants and keyword overrides
 
