@@ -27,5 +27,7 @@ for name, cfg in (("sage2", QuantConfig()), ("sage1", QuantConfig(pv_dtype="fp16
     sass = subprocess.run(["cuobjdump", "-sass", path], capture_output=True, text=True).stdout
     with open(os.path.join(out_dir, f"{name}.sass"), "w") as f:
         f.write(sass)
-    ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    ops = collections.Counter(
+        m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
+    )
     print(name, "total", sum(ops.values()), " ".join(f"{op}:{c}" for op, c in ops.most_common(40)))
