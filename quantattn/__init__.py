@@ -11,13 +11,17 @@ from quantattn.api import (
     sageattn_varlen,
 )
 from quantattn.config import VARIANTS, QuantConfig
+from quantattn.integrations.torch_sdpa import attach, patch, patched, sdpa, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantConfig",
     "VARIANTS",
+    "attach",
     "default_config",
+    "patch",
+    "patched",
     "sageattn",
     "sageattn_qk_int8_pv_fp16_cuda",
     "sageattn_qk_int8_pv_fp16_triton",
@@ -25,4 +29,6 @@ __all__ = [
     "sageattn_qk_int8_pv_fp8_cuda_sm90",
     "sageattn_qk_int8_pv_fp8_triton",
     "sageattn_varlen",
+    "sdpa",
+    "unpatch",
 ]
