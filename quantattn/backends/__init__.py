@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from quantattn.config import QuantConfig
-from quantattn.reference.attention import LN2, sage_attention_reference
+from quantattn.reference.attention import sage_attention_reference
 
 
 @dataclass
@@ -144,4 +144,4 @@ def select_backend(call: AttentionCall, requested: str):
     )
 
 
-__all__ = ["AttentionCall", "BACKENDS", "LN2", "ReferenceBackend", "TritonBackend", "select_backend"]
+__all__ = ["AttentionCall", "BACKENDS", "ReferenceBackend", "TritonBackend", "select_backend"]
