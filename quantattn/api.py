@@ -181,15 +181,26 @@ def sageattn_qk_int8_pv_fp16_triton(
     return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, smooth_k=smooth_k, **options)
 
 
+def _official_cuda_entry(
+    pv_dtype, q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, pv_accum_dtype, smooth_k, smooth_v,
+    return_lse, options,
+):  # fmt: skip
+    """The official `_cuda` entry points differ only in their PV precision and defaults."""
+    options = {"pv_dtype": pv_dtype, **options}  # an explicit pv_dtype keyword still wins
+    return sageattn(
+        q, k, v, tensor_layout, is_causal, sm_scale, return_lse, qk_quant_gran=qk_quant_gran,
+        pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k, smooth_v=smooth_v, **options,
+    )  # fmt: skip
+
+
 def sageattn_qk_int8_pv_fp16_cuda(
     q, k, v, tensor_layout="HND", is_causal=False, qk_quant_gran="per_thread", sm_scale=None,
     pv_accum_dtype="fp32", smooth_k=True, smooth_v=False, return_lse=False, **options,
 ):  # fmt: skip
     """SageAttention with the official CUDA entry's defaults: per-thread INT8 QK, FP16 PV, FP32 accumulator."""
-    options = {"pv_dtype": "fp16", **options}
-    return sageattn(
-        q, k, v, tensor_layout, is_causal, sm_scale, return_lse, qk_quant_gran=qk_quant_gran,
-        pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k, smooth_v=smooth_v, **options,
+    return _official_cuda_entry(
+        "fp16", q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, pv_accum_dtype, smooth_k, smooth_v,
+        return_lse, options,
     )  # fmt: skip
 
 
@@ -198,10 +209,9 @@ def sageattn_qk_int8_pv_fp8_cuda(
     pv_accum_dtype="fp32+fp32", smooth_k=True, smooth_v=False, return_lse=False, **options,
 ):  # fmt: skip
     """SageAttention2: per-thread INT8 QK, FP8 PV with two-level FP32 accumulation."""
-    options = {"pv_dtype": "fp8", **options}
-    return sageattn(
-        q, k, v, tensor_layout, is_causal, sm_scale, return_lse, qk_quant_gran=qk_quant_gran,
-        pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k, smooth_v=smooth_v, **options,
+    return _official_cuda_entry(
+        "fp8", q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, pv_accum_dtype, smooth_k, smooth_v,
+        return_lse, options,
     )  # fmt: skip
 
 
