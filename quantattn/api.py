@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from quantattn import ops
 from quantattn import validation as V
 from quantattn.backends import AttentionCall, select_backend
 from quantattn.config import PV_ACCUMS, QuantConfig
@@ -96,6 +97,8 @@ def sageattn(
     Returns the output in q's layout and dtype, and with return_lse the float32 natural-log logsumexp
     [B, Hq, Nq] of the full-precision-equivalent scores.
     """
+    if torch.compiler.is_compiling():  # one opaque custom op for Dynamo; eager calls skip the dispatcher
+        return ops.sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend, options)
     V.check_layout(tensor_layout)
     V.check_qkv(q, k, v, 4, "[B, H, N, d] for 'HND', [B, N, H, d] for 'NHD'")
     for name, value in (("is_causal", is_causal), ("return_lse", return_lse)):
@@ -137,6 +140,11 @@ def sageattn_varlen(
     quantized on its own, exactly as if it were called alone. Returns [total_q, Hq, d] and, with
     return_lse, the float32 logsumexp [Hq, total_q].
     """
+    if torch.compiler.is_compiling():  # one opaque custom op for Dynamo; eager calls skip the dispatcher
+        return ops.sageattn_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale, return_lse, config,
+            backend, options,
+        )  # fmt: skip
     V.check_qkv(q, k, v, 3, "[total_tokens, H, d]")
     for name, value in (("is_causal", is_causal), ("return_lse", return_lse)):
         V.check_flag(name, value)

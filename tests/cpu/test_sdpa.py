@@ -20,7 +20,7 @@ ORIGINAL = S.ORIGINAL_SDPA
 def clean_state():
     S.reset_fallbacks()
     yield
-    while S._patches:
+    while S._routes:
         S.unpatch()
     assert F.scaled_dot_product_attention is ORIGINAL
 
@@ -105,8 +105,8 @@ def test_patch_nests_and_restores_exactly():
     quantattn.patch(cpu="reference")
     with quantattn.patched():
         assert F.scaled_dot_product_attention is quantattn.sdpa
-        assert S._active()[1] == "fallback"
-    assert S._active()[1] == "reference"
+        assert S._active().cpu == "fallback"
+    assert S._active().cpu == "reference"
     quantattn.unpatch()
     assert F.scaled_dot_product_attention is ORIGINAL
     with pytest.raises(RuntimeError, match="without a matching patch"):

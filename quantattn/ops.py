@@ -1,0 +1,148 @@
+"""quantattn's entry points as PyTorch custom operators: the form torch.compile traces.
+
+Dynamo cannot see through a Triton launch, and must not trace quantattn's validation, QuantConfig
+resolution or device queries. Under torch.compile, `sageattn` and `sageattn_varlen` therefore call
+`torch.ops.quantattn.sageattn` / `sageattn_varlen` (api.py checks `torch.compiler.is_compiling()`
+first thing), which the graph holds as one opaque node. The fake implementations give the output
+shapes from the input shapes, and run the eager checks while the graph is traced, so a bad call fails
+at compile time with the eager message. The real implementations call the eager entry points, so a
+compiled call computes exactly what an eager one does. Eager calls never come here: the dispatcher
+would add microseconds of host time to every call.
+
+A QuantConfig cannot cross the operator boundary, so it travels as its fields (`config_<field>`,
+None when no config was given), and the keyword options as the fields they set (None when not given);
+the implementations rebuild both and resolve them exactly as the eager call does. Both operators always
+return the log-sum-exp too, as a zero-size tensor when it was not asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from quantattn import api  # partly initialized here (api imports this module): read at call time only
+from quantattn import validation as V
+from quantattn.config import QuantConfig
+
+FIELDS = tuple(f.name for f in dataclasses.fields(QuantConfig))
+_FIELD_TYPES = {f.name: "bool" if isinstance(f.default, bool) else "str" for f in dataclasses.fields(QuantConfig)}
+_CHOICES_SCHEMA = ", ".join(
+    [f"{_FIELD_TYPES[f]}? config_{f}" for f in FIELDS] + [f"{_FIELD_TYPES[f]}? {f}" for f in FIELDS]
+)
+_TAIL = f"bool is_causal, float? sm_scale, bool return_lse, str backend, {_CHOICES_SCHEMA}) -> (Tensor, Tensor)"
+DENSE_SCHEMA = f"(Tensor q, Tensor k, Tensor v, str tensor_layout, {_TAIL}"
+VARLEN_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+    f"SymInt max_seqlen_k, {_TAIL}"
+)
+
+
+# ---- flattening (traced by Dynamo: plain Python on constants) -------------------------------------
+
+
+def flatten_choices(config, options: dict) -> tuple:
+    """config's fields (or Nones), then each field an option sets (or None), in FIELDS order."""
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a quantattn.QuantConfig, got {type(config).__name__}")
+    unknown = sorted(key for key in options if key not in api.CONFIG_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"unknown keyword argument(s) {', '.join(unknown)}; accepted: config, backend, "
+            + ", ".join(api.CONFIG_KEYWORDS)
+        )
+    configured = tuple(getattr(config, f) for f in FIELDS) if config is not None else (None,) * len(FIELDS)
+    chosen = {api.CONFIG_KEYWORDS[key]: value for key, value in options.items()}
+    return configured + tuple(chosen.get(f) for f in FIELDS)
+
+
+def unflatten_choices(choices) -> tuple[QuantConfig | None, dict]:
+    """The (config, options) that flatten_choices was given (options that were None are dropped,
+    which resolve_config does too)."""
+    configured, chosen = choices[: len(FIELDS)], choices[len(FIELDS) :]
+    config = None if configured[0] is None else QuantConfig(**dict(zip(FIELDS, configured, strict=True)))
+    field_keyword = {field: keyword for keyword, field in api.CONFIG_KEYWORDS.items()}
+    options = {field_keyword[f]: value for f, value in zip(FIELDS, chosen, strict=True) if value is not None}
+    return config, options
+
+
+def sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend, options):
+    """api.sageattn under torch.compile: the same arguments, as one operator call."""
+    out, lse = torch.ops.quantattn.sageattn(
+        q, k, v, tensor_layout, is_causal, sm_scale, return_lse, backend, *flatten_choices(config, options)
+    )
+    return (out, lse) if return_lse else out
+
+
+def sageattn_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale, return_lse, config,
+    backend, options,
+):  # fmt: skip
+    """api.sageattn_varlen under torch.compile: the same arguments, as one operator call."""
+    out, lse = torch.ops.quantattn.sageattn_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale, return_lse, backend,
+        *flatten_choices(config, options),
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+# ---- the operators (their bodies run eagerly, never under Dynamo) --------------------------------
+
+
+def _no_lse(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("quantattn::sageattn", mutates_args=(), schema=DENSE_SCHEMA)
+def _sageattn_op(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, backend, *choices):
+    config, options = unflatten_choices(choices)
+    if return_lse:
+        return api.sageattn(q, k, v, tensor_layout, is_causal, sm_scale, True, config=config, backend=backend, **options)
+    out = api.sageattn(q, k, v, tensor_layout, is_causal, sm_scale, False, config=config, backend=backend, **options)
+    return out, _no_lse(q)
+
+
+@_sageattn_op.register_fake
+def _sageattn_fake(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, backend, *choices):
+    V.check_layout(tensor_layout)
+    V.check_qkv(q, k, v, 4, "[B, H, N, d] for 'HND', [B, N, H, d] for 'NHD'")
+    V.check_sm_scale(sm_scale)
+    to_hnd = (lambda s: s) if tensor_layout == "HND" else (lambda s: (s[0], s[2], s[1], s[3]))
+    qs = to_hnd(q.shape)
+    V.check_heads_and_dims(qs, to_hnd(k.shape), to_hnd(v.shape))
+    config, options = unflatten_choices(choices)
+    api.resolve_config(q.device, config, options)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty(qs[:3], dtype=torch.float32) if return_lse else _no_lse(q)
+    return out, lse
+
+
+@torch.library.custom_op("quantattn::sageattn_varlen", mutates_args=(), schema=VARLEN_SCHEMA)
+def _sageattn_varlen_op(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale, return_lse, backend,
+    *choices,
+):  # fmt: skip
+    config, options = unflatten_choices(choices)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale)
+    if return_lse:
+        return api.sageattn_varlen(*args, True, config=config, backend=backend, **options)
+    return api.sageattn_varlen(*args, False, config=config, backend=backend, **options), _no_lse(q)
+
+
+@_sageattn_varlen_op.register_fake
+def _sageattn_varlen_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale, return_lse, backend,
+    *choices,
+):  # fmt: skip
+    # the offsets' values are data: the real implementation checks them
+    V.check_qkv(q, k, v, 3, "[total_tokens, H, d]")
+    V.check_sm_scale(sm_scale)
+    def to_hnd(s):  # [total, H, d] -> (H, total, d), as api.sageattn_varlen checks it
+        return (s[1], s[0], s[2])
+
+    V.check_heads_and_dims(to_hnd(q.shape), to_hnd(k.shape), to_hnd(v.shape))
+    config, options = unflatten_choices(choices)
+    api.resolve_config(q.device, config, options)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32) if return_lse else _no_lse(q)
+    return out, lse
