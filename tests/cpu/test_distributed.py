@@ -429,3 +429,29 @@ def test_causal_ring_schedule_covers_the_mask_once(world, zigzag):
         if zigzag:
             assert len(set(work)) == 1, (step, work)
     assert torch.equal(seen, torch.tril(torch.ones(total, total, dtype=torch.int64)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The scaling benchmark, end to end on gloo processes (its numbers mean nothing on a CPU)
+
+
+def test_benchmark_selftest_writes_its_table_and_json(tmp_path, capsys):
+    import json
+
+    from quantattn.distributed import bench
+
+    argv = ["--device", "cpu", "--world-size", "2", "--seq-lens", "64", "--heads", "4", "--kv-heads", "2",
+            "--head-dim", "16", "--repeats", "1", "--out", str(tmp_path), "--tag", "selftest"]  # fmt: skip
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.glob("*_distributed_selftest_x2.json")
+    doc = json.loads(path.read_text())
+    assert doc["format"] == bench.FORMAT and doc["metadata"]["command"].startswith("python -m quantattn.distributed")
+    assert doc["not_run"] == []
+    rows = {(r["mode"], r["causal"]): r for r in doc["records"]}
+    assert set(rows) == {(m, c) for m in ("ulysses", "ring") for c in (False, True)}
+    assert all(r["world_size"] == 2 and r["tp_ms"] > 0 and r["t1_ms"] > 0 for r in rows.values())
+    assert rows[("ulysses", True)]["equal_to_single"] and rows[("ulysses", False)]["equal_to_single"]
+    assert rows[("ring", True)]["rel_l1_vs_single"] < 0.1
+    table = capsys.readouterr().out
+    assert "ulysses   2     64     on" in table and "(equal)" in table and str(path) in table
+    assert not list(tmp_path.glob("*partial*"))
