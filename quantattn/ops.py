@@ -97,7 +97,9 @@ def _no_lse(q: torch.Tensor) -> torch.Tensor:
 def _sageattn_op(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, backend, *choices):
     config, options = unflatten_choices(choices)
     if return_lse:
-        return api.sageattn(q, k, v, tensor_layout, is_causal, sm_scale, True, config=config, backend=backend, **options)
+        return api.sageattn(
+            q, k, v, tensor_layout, is_causal, sm_scale, True, config=config, backend=backend, **options
+        )
     out = api.sageattn(q, k, v, tensor_layout, is_causal, sm_scale, False, config=config, backend=backend, **options)
     return out, _no_lse(q)
 
@@ -137,6 +139,7 @@ def _sageattn_varlen_fake(
     # the offsets' values are data: the real implementation checks them
     V.check_qkv(q, k, v, 3, "[total_tokens, H, d]")
     V.check_sm_scale(sm_scale)
+
     def to_hnd(s):  # [total, H, d] -> (H, total, d), as api.sageattn_varlen checks it
         return (s[1], s[0], s[2])
 

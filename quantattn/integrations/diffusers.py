@@ -79,9 +79,7 @@ def _models(pipe_or_model) -> list[torch.nn.Module]:
         return [pipe_or_model]
     components = getattr(pipe_or_model, "components", None)
     if not isinstance(components, dict):
-        raise TypeError(
-            f"expected a diffusers model or pipeline (with components), got {type(pipe_or_model).__name__}"
-        )
+        raise TypeError(f"expected a diffusers model or pipeline (with components), got {type(pipe_or_model).__name__}")
     models = [components[name] for name in DENOISERS if isinstance(components.get(name), torch.nn.Module)]
     if not models:
         raise ValueError(f"the pipeline has none of the components {', '.join(DENOISERS)}")

@@ -25,11 +25,17 @@ MODELS = {
     "LlamaForCausalLM": lambda: transformers.LlamaConfig(num_key_value_heads=2, **LM),
     "Qwen2ForCausalLM": lambda: transformers.Qwen2Config(num_key_value_heads=2, **LM),
     "MistralForCausalLM": lambda: transformers.MistralConfig(num_key_value_heads=1, sliding_window=None, **LM),
-    "GPT2LMHeadModel": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                                       n_positions=128, bos_token_id=0, eos_token_id=0),  # fmt: skip
-    "BertModel": lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                                 num_attention_heads=4, intermediate_size=128,
-                                                 max_position_embeddings=128),  # fmt: skip
+    "GPT2LMHeadModel": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+    ),  # fmt: skip
+    "BertModel": lambda: transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    ),  # fmt: skip
 }
 # max |logit (or hidden state) difference| against transformers' SDPA, per model class: README, closing note
 MAX_DIFFERENCE: dict[str, float] = {}
@@ -76,7 +82,9 @@ def test_gqa_passes_kv_heads_unrepeated(monkeypatch):
     model = build("MistralForCausalLM")  # 4 query heads, 1 kv head
     seen = []
     real = quantattn.sageattn
-    monkeypatch.setattr(S, "sageattn", lambda q, k, v, *a, **kw: seen.append((q.shape[1], k.shape[1])) or real(q, k, v, *a, **kw))
+    monkeypatch.setattr(
+        S, "sageattn", lambda q, k, v, *a, **kw: seen.append((q.shape[1], k.shape[1])) or real(q, k, v, *a, **kw)
+    )
     forward(model, "quantattn", ids(2))
     assert seen == [(4, 1), (4, 1)]
 

@@ -1,0 +1,137 @@
+"""How much GPU memory one quantattn call allocates besides its output: the quantized K/V buffers and
+the statistics the kernels read, nothing that copies Q, K or V in their own precision.
+
+`extra_bytes` mirrors the buffers that quantattn/kernels/launch.py allocates (`preprocess_kv`,
+`token_stats`, `_smooth_q_terms`, `sequences`) and when each is freed; it must change whenever they
+do, and tests/gpu/test_integrations_gpu.py checks it against `torch.cuda.max_memory_allocated`.
+Each buffer counts as the CUDA caching allocator counts it: rounded up to 512 bytes.
+
+Not counted: the output and the log-sum-exp (the caller gets those), the int32 counters that the K/V
+preprocessing keeps per device and stream across calls (a few KiB, allocated once; a CUDA-graph capture
+allocates its own), and a contiguous copy of Q, K or V when its last dimension is not contiguous
+(stride != 1: the kernels read channels with stride 1; every other layout, transposes and offsets
+included, is read in place).
+"""
+
+from __future__ import annotations
+
+from quantattn import config as C
+from quantattn.config import QuantConfig
+
+ALLOCATOR_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of this
+FLOAT32, INT32, INT64 = 4, 4, 8
+PV_16BIT = 2  # smoothed V in fp16 / bf16
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block(nbytes: int) -> int:
+    return _cdiv(nbytes, ALLOCATOR_BLOCK) * ALLOCATOR_BLOCK if nbytes else 0
+
+
+def buffers(
+    q_shape,
+    k_shape,
+    config: QuantConfig,
+    *,
+    tensor_layout: str = "HND",
+    num_sequences: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> dict[str, int]:
+    """Bytes of each buffer one call allocates (arguments as for extra_bytes); "smooth_q" is the peak
+    of smooth Q's temporaries."""
+    from quantattn.kernels import launch as L  # the launcher's own constants (imports Triton)
+
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a quantattn.QuantConfig, got {type(config).__name__}")
+    if (num_sequences is None) != (max_seqlen_k is None):
+        raise ValueError("give num_sequences and max_seqlen_k together (varlen calls), or neither")
+    varlen = num_sequences is not None
+    q_shape, k_shape = tuple(q_shape), tuple(k_shape)
+    if len(q_shape) != (3 if varlen else 4) or len(k_shape) != len(q_shape):
+        raise ValueError(f"expected {'3-D [total, H, d]' if varlen else '4-D'} shapes, got {q_shape} and {k_shape}")
+    if varlen:
+        (nq, hq, d), (nk, hkv, _) = q_shape, k_shape
+        b, seqs, max_len = 1, num_sequences, max_seqlen_k
+    else:
+        if tensor_layout not in ("HND", "NHD"):
+            raise ValueError(f"tensor_layout must be 'HND' or 'NHD', got {tensor_layout!r}")
+        if tensor_layout == "NHD":
+            q_shape, k_shape = ((s[0], s[2], s[1], s[3]) for s in (q_shape, k_shape))
+        (b, hq, nq, d), (_, hkv, nk, _) = q_shape, k_shape
+        seqs, max_len = b, nk
+    sizes = dict.fromkeys(("stats", "k_int8", "k_scale", "v_quant", "partials", "offsets", "q_stats", "smooth_q"), 0)
+    if b * hq * nq * d == 0:
+        return sizes  # nothing runs
+
+    # preprocess_kv: statistics (mean, max, min of K and V), INT8 K, its scales, the quantized V
+    sizes["stats"] = _block(2 * 3 * seqs * hkv * d * FLOAT32)
+    sizes["k_int8"] = _block(b * hkv * nk * d)
+    sizes["k_scale"] = _block(b * hkv * nk * FLOAT32)
+    if config.is_fp8_pv:
+        sizes["v_quant"] = _block(b * hkv * d * _cdiv(max(nk, 1), 16) * 16)  # FP8, transposed, keys padded
+    elif config.smooth_v:
+        sizes["v_quant"] = _block(b * hkv * nk * d * PV_16BIT)
+    # (otherwise the kernel reads V itself)
+    if seqs * hkv and max_len:
+        blocks = _cdiv(max_len, L.QUANT_BLOCK)
+        per_chunk = 1 << max(_cdiv(blocks, L.MAX_CHUNKS) - 1, 0).bit_length()
+        sizes["partials"] = _block(seqs * hkv * _cdiv(blocks, per_chunk) * 6 * L.head_dim_pad(d) * FLOAT32)
+    if varlen:
+        sizes["offsets"] = 2 * _block((seqs + 1) * INT32)  # sequences(): cu_seqlens as int32 (q's and k's)
+    # attention: per-tensor Q statistics, or smooth Q's block means and score corrections
+    if config.qk_granularity == "per_tensor":
+        sizes["q_stats"] = _block(3 * seqs * hq * d * FLOAT32)
+    if config.smooth_q and not varlen:
+        sizes["smooth_q"] = _smooth_q_peak(b, hq, nq, hkv, nk, d)
+    return sizes
+
+
+def extra_bytes(
+    q_shape,
+    k_shape,
+    config: QuantConfig,
+    *,
+    tensor_layout: str = "HND",
+    num_sequences: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> int:
+    """Peak bytes that one call with the Triton kernels allocates besides its output (and lse).
+
+    Dense calls: q_shape [B, Hq, Nq, d] and k_shape [B, Hkv, Nk, d] in `tensor_layout` ("HND" or
+    "NHD"). Varlen calls: [total, H, d] shapes, with num_sequences and max_seqlen_k. config: the
+    variant that runs (`quantattn.default_config(device)` for the default).
+
+    With the default variant (FP8 PV) that is, per key and kv head: d bytes of INT8 K, 4 bytes of K
+    scale and d bytes of FP8 V (keys padded to 16), plus 24 * d bytes of statistics per sequence and kv
+    head and the preprocessing's partial sums; about half of K and V's own size in 16-bit."""
+    s = buffers(
+        q_shape, k_shape, config, tensor_layout=tensor_layout, num_sequences=num_sequences,
+        max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
+    kv = s["stats"] + s["k_int8"] + s["k_scale"] + s["v_quant"] + s["offsets"]
+    # the partial sums are freed when preprocess_kv returns, before the attention kernel's extras
+    return max(kv + s["partials"], kv + s["q_stats"] + s["smooth_q"])
+
+
+def _smooth_q_peak(b: int, hq: int, nq: int, hkv: int, nk: int, d: int) -> int:
+    """The float32 temporaries of launch._smooth_q_terms at their peak, step by step, plus what it
+    returns (block means and score corrections, alive while the kernel runs)."""
+    nb = _cdiv(nq, C.Q_BLOCK_ROWS)
+    q32 = _block(b * hq * nq * d * FLOAT32)
+    finite = _block(b * hq * nq * d)  # torch.isfinite's bool mask
+    padded = _block(b * hq * nb * C.Q_BLOCK_ROWS * d * FLOAT32)
+    counts = _block(nb * INT64)
+    means = _block(b * hq * nb * d * FLOAT32)
+    k32 = _block(b * hkv * nk * d * FLOAT32)
+    delta = _block(b * hq * nb * nk * FLOAT32)
+    return max(
+        2 * q32 + finite,  # q.float() and torch.where(isfinite(...), ...)
+        q32 + padded,  # the padded copy
+        padded + 2 * counts,  # the rows per block: two int64 temporaries at once
+        padded + counts + 2 * means,  # the sums, then the means
+        padded + counts + means + 2 * k32,  # k.float(), then K minus its mean
+        padded + counts + means + k32 + 2 * delta,  # the corrections, then scaled
+    )
