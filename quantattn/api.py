@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from quantattn import ops
+from quantattn import guards, ops
 from quantattn import validation as V
 from quantattn.backends import AttentionCall, select_backend
 from quantattn.config import PV_ACCUMS, QuantConfig
@@ -59,8 +59,10 @@ def resolve_config(device: torch.device, config: QuantConfig | None, options: di
 
 
 def _run(call: AttentionCall, backend: str) -> None:
-    """Choose the backend (so that a refused choice is refused even for empty inputs), then run it."""
+    """Route the call past numerics that cannot represent it (quantattn.guards: shapes and dtypes only, no
+    GPU sync), choose the backend (so that a refused choice is refused even for empty inputs), run it."""
     global _warned_cpu
+    call = guards.route(call)
     chosen = select_backend(call, backend)
     if not call.out.numel():
         return
@@ -71,7 +73,8 @@ def _run(call: AttentionCall, backend: str) -> None:
             "speed needs an NVIDIA GPU",
             stacklevel=3,
         )
-    chosen.forward(call)
+    for part in guards.split(call):
+        chosen.forward(part)
 
 
 def sageattn(

@@ -16,6 +16,7 @@ from quantattn.kernels.common import (
     is_finite,
     q_row_amax,
     quantize_rows,
+    saturate,
     to_fp8_e4m3,
 )
 from quantattn.kernels.quant import seq_bounds
@@ -54,7 +55,10 @@ def _attend_block(
     keys = kv_row0 + offs_n
     key_ok = keys < k_len
     cmask = cols < HEAD_DIM
-    k = _load_tile(k_ptrs + kv_row0 * stride_kn, key_ok, cmask, 0, MASK, EVEN_D)
+    # 64-bit offsets: the caller's V (FP16 PV, NHD) has a row stride of H * d, and 128K keys of it
+    # pass 2**31 elements
+    row0 = tl.cast(kv_row0, tl.int64)
+    k = _load_tile(k_ptrs + row0 * stride_kn, key_ok, cmask, 0, MASK, EVEN_D)
     if MASK:
         k_scale = tl.load(KS_blk + keys, mask=key_ok, other=0.0)
     else:
@@ -84,7 +88,7 @@ def _attend_block(
     else:
         p = tl.exp2(s * q_scale[:, None] - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(v_ptrs + kv_row0 * stride_vn, key_ok, cmask, 0.0, MASK, EVEN_D)
+    v = _load_tile(v_ptrs + row0 * stride_vn, key_ok, cmask, 0.0, MASK, EVEN_D)
     if PV_MODE >= PV_F8_TWO_LEVEL:
         if EXACT_CASTS:
             p8 = to_fp8_e4m3(p * P_SCALE, True)
@@ -225,7 +229,8 @@ def sage_attention_kernel(
         out = out * (v_scale / P_SCALE)[None, :]
     if SMOOTH_V:
         out = out + tl.load(V_MEAN + stat_kv, mask=cmask, other=0.0)[None, :]
-    out = tl.where(has_keys[:, None], out, 0.0)
+    # P rounded up (FP8: by as much as 1/16) can put a row above V's range, and float16's range with it
+    out = saturate(tl.where(has_keys[:, None], out, 0.0), O.dtype.element_ty)
     o_ptrs = O + b64 * stride_ob + h64 * stride_oh + q_rows[:, None] * stride_om + cols[None, :]
     tl.store(o_ptrs, cast(out, O.dtype.element_ty, EXACT_CASTS), mask=qmask)
     if RETURN_LSE:

@@ -21,6 +21,8 @@ ROUND_MAGIC = tl.constexpr(12582912.0)
 FP8_SUBNORMAL_MAGIC = tl.constexpr(24576.0)
 FP8_MIN_NORMAL = tl.constexpr(0.015625)
 FP8_MAX = tl.constexpr(448.0)
+FP16_MAX = tl.constexpr(65504.0)
+BF16_MAX = tl.constexpr(3.3895313892515355e38)
 
 
 @triton.jit
@@ -69,6 +71,18 @@ def cast(x, DTYPE: tl.constexpr, EXACT_CASTS: tl.constexpr):
         if DTYPE == tl.bfloat16:
             x = round_to_bf16_grid(x.to(tl.float32))
     return x.to(DTYPE)
+
+
+@triton.jit
+def saturate(x, DTYPE: tl.constexpr):
+    """Finite values clamped to DTYPE's largest finite value (NaN and +-Inf kept), so that the cast to
+    the output dtype cannot overflow (reference: saturating_cast)."""
+    if DTYPE == tl.float16:
+        big = FP16_MAX
+    else:
+        tl.static_assert(DTYPE == tl.bfloat16)
+        big = BF16_MAX
+    return tl.where(is_finite(x), tl.minimum(tl.maximum(x, -big), big), x)
 
 
 @triton.jit

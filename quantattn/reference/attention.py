@@ -21,6 +21,7 @@ from quantattn.reference.quant import (
     round_to_fp8_e4m3,
     round_to_fp16,
     row_group_amax,
+    saturating_cast,
 )
 
 LOG2E = 1.4426950408889634
@@ -235,7 +236,7 @@ def sage_attention_reference(
     kv = preprocess_kv(k, v, cfg)
     qq = quantize_q(q, kv, cfg, sm_scale)
     out, lse2 = attention_quantized(qq, kv, cfg, is_causal, block_n)
-    out = out.to(dtype)
+    out = saturating_cast(out, dtype)
     if not return_lse:
         return out
     lse = lse2 * LN2

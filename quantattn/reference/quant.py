@@ -105,6 +105,15 @@ def round_to_fp22(x: torch.Tensor) -> torch.Tensor:
     return (x.float().view(torch.int32) & ~0x3FF).view(torch.float32)
 
 
+def saturating_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast to `dtype`, finite values beyond its range clamped to its largest finite value (NaN and
+    +-Inf kept). Attention's output is a convex combination of V's rows, so its true value never lies
+    beyond V's range; the quantized P can: FP8 rounds P up by as much as 1/16 while the softmax
+    denominator sums the unrounded P, so V near float16's largest value would otherwise give Inf."""
+    big = torch.finfo(dtype).max
+    return torch.where(torch.isfinite(x), x.clamp(-big, big), x).to(dtype)
+
+
 def quantize_v_fp8(v: torch.Tensor, v_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel FP8 quantization of V [..., N, d]: returns (values in float32, scale [..., d])."""
     amax = finite_or_zero(v.float()).abs().amax(-2) if v.shape[-2] else v.new_zeros(v.shape[:-2] + v.shape[-1:])
