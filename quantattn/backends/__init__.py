@@ -35,6 +35,16 @@ class AttentionCall:
         return self.cu_seqlens_q is not None
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, looked up once per device (it is on every call's path)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -102,7 +112,7 @@ class TritonBackend:
             if dev.type == "cpu" and interpreter_active():
                 return unsupported(call)
             return [f"needs CUDA tensors (got {dev.type}; TRITON_INTERPRET=1 runs it on the CPU)"]
-        cap = torch.cuda.get_device_capability(dev)
+        cap = device_capability(dev)
         if cap < self.min_capability:
             return [f"needs compute capability >= 8.0, this GPU has {cap[0]}.{cap[1]}"]
         if call.cfg.is_fp8_pv and cap < self.fp8_capability:
@@ -144,4 +154,4 @@ def select_backend(call: AttentionCall, requested: str):
     )
 
 
-__all__ = ["AttentionCall", "BACKENDS", "ReferenceBackend", "TritonBackend", "select_backend"]
+__all__ = ["AttentionCall", "BACKENDS", "ReferenceBackend", "TritonBackend", "device_capability", "select_backend"]

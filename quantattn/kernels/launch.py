@@ -12,11 +12,15 @@ from quantattn import config as C
 from quantattn.config import QuantConfig
 from quantattn.kernels import attention as A
 from quantattn.kernels.attention import sage_attention_kernel
-from quantattn.kernels.quant import quantize_kv_kernel, token_stats_kernel
+from quantattn.kernels.quant import preprocess_kv_kernel, token_stats_kernel
 from quantattn.reference.attention import LOG2E
 
-QUANT_BLOCK = C.K_BLOCK_KEYS  # keys per program of the K/V quantization
+QUANT_BLOCK = C.K_BLOCK_KEYS  # keys per quantization block (per-thread K groups live in 64 keys)
 STATS_BLOCK = 64
+# K/V preprocessing (preprocess_kv_kernel): at most MAX_CHUNKS programs per (sequence, head), and
+# about LAG_CHUNKS chunks between a chunk's statistics and its quantization
+MAX_CHUNKS = 64
+LAG_CHUNKS = 512
 GRAN_CODE = {name: i for i, name in enumerate(C.QK_GRANULARITIES)}
 PV_MODE = {
     ("fp8", "fp32+fp32"): A.PV_F8_TWO_LEVEL.value,
@@ -34,8 +38,76 @@ def exact_casts(device: torch.device) -> bool:
     return device.type == "cpu" or os.environ.get("QUANTATTN_EXACT_CASTS", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def head_dim_pad(d: int) -> int:
-    return max(32, triton.next_power_of_2(d))
+    # plain Python: triton.next_power_of_2 is a JIT function, ~5 us per host call
+    return max(32, next_power_of_2(d))
+
+
+class CachedLaunch:
+    """`kernel[grid](*args, **constexprs)`, with Triton's per-call argument binding skipped for
+    argument signatures it has already compiled.
+
+    Triton binds and specializes every argument on each launch, which costs tens of microseconds for
+    the attention kernel's ~50 arguments: more than the kernel itself on short sequences. The facts
+    Triton specializes on are the integers' values (equal to 1, divisible by 16, 32 or 64 bits), the
+    tensors' dtypes and 16-byte alignment, and the constexprs; a signature made of exactly those
+    finds the compiled kernel of an earlier call, which is launched directly on the current stream.
+    QUANTATTN_DIRECT_LAUNCH=0 turns this off (every launch goes through Triton's front door).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled: dict = {}
+        if hasattr(fn, "constexprs"):  # a JITFunction (the interpreter's stand-in has none: never direct)
+            n_params = len(fn.arg_names)
+            # constexprs passed by keyword must follow every runtime argument, in signature order
+            self.constexpr_names = [fn.arg_names[i] for i in sorted(fn.constexprs)]
+            assert sorted(fn.constexprs) == list(range(n_params - len(fn.constexprs), n_params)), fn.arg_names
+
+    @staticmethod
+    def signature(args, constexprs: dict, num_warps: int, num_stages: int) -> tuple:
+        # dtype and alignment of tensors, exact integers; floats are never specialized
+        spec = tuple(
+            a if type(a) is int else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else None for a in args
+        )
+        return args[0].device.index, spec, tuple(constexprs.values()), num_warps, num_stages
+
+    def __call__(self, grid, args, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+        direct = os.environ.get("QUANTATTN_DIRECT_LAUNCH", "1") != "0" and args[0].is_cuda
+        if direct:
+            key = self.signature(args, constexprs, num_warps, num_stages)
+            hit = self.compiled.get(key)
+            if hit is not None and _no_launch_hooks():
+                kernel, tail = hit
+                stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
+                kernel.run(
+                    grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                    kernel.function, kernel.packed_metadata, None, None, None, *args, *tail,
+                )  # fmt: skip
+                return kernel
+        kernel = self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        if direct and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            self.compiled[key] = (kernel, tuple(constexprs[name] for name in self.constexpr_names))
+        return kernel
+
+
+def _no_launch_hooks() -> bool:
+    """Whether a profiler (e.g. proton) hooks launches: then they keep going through Triton."""
+    hook = triton.knobs.runtime.launch_enter_hook  # an empty HookChain in triton 3.6, None in others
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+launch_token_stats = CachedLaunch(token_stats_kernel)
+launch_preprocess_kv = CachedLaunch(preprocess_kv_kernel)
+launch_attention = CachedLaunch(sage_attention_kernel)
 
 
 @dataclass
@@ -78,12 +150,13 @@ def token_stats(seqs: Sequences, x: torch.Tensor, y: torch.Tensor | None = None)
     n_programs = seqs.count * h
     if n_programs:
         second = tensors[-1]
-        token_stats_kernel[(len(tensors) * n_programs,)](
+        args = (
             x, x.stride(0), x.stride(1), x.stride(2),
             second, second.stride(0), second.stride(1), second.stride(2),
             _cu(seqs, x), seqs.n_dense, h, n_programs, stats,
-            HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=STATS_BLOCK, IS_VARLEN=seqs.is_varlen,
         )  # fmt: skip
+        constexprs = dict(HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=STATS_BLOCK, IS_VARLEN=seqs.is_varlen)
+        launch_token_stats((len(tensors) * n_programs,), args, constexprs)
     return [tuple(t.unbind(0)) for t in stats.unbind(0)]
 
 
@@ -97,18 +170,17 @@ def _check_strides(x: torch.Tensor) -> torch.Tensor:
 
 
 def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences) -> QuantizedKV:
-    """Smooth and quantize K (and V, for FP8 PV or smooth V): two passes over each."""
+    """Smooth and quantize K (and V, for FP8 PV or smooth V) in one launch."""
     k, v = _check_strides(k), _check_strides(v)
     b, h, n, d = k.shape
-    if cfg.is_fp8_pv or cfg.smooth_v:
-        k_stats, v_stats = token_stats(seqs, k, v)
-    else:
-        (k_stats,) = token_stats(seqs, k)
-        v_stats = k_stats  # unused: V goes to the kernel as it is
+    d_pad = head_dim_pad(d)
+    heads = seqs.count * h
+    need_v_stats = cfg.is_fp8_pv or cfg.smooth_v
+    stats = torch.empty(2, 3, seqs.count, h, d, dtype=torch.float32, device=k.device)
     kq = torch.empty(b, h, n, d, dtype=torch.int8, device=k.device)
     k_scale = torch.empty(b, h, n, dtype=torch.float32, device=k.device)
     if cfg.is_fp8_pv:
-        n_pad = triton.cdiv(max(n, 1), 16) * 16  # 16-byte aligned rows of the transposed V
+        n_pad = cdiv(max(n, 1), 16) * 16  # 16-byte aligned rows of the transposed V
         vq = torch.empty(b, h, d, n_pad, dtype=torch.float8_e4m3fn, device=k.device)
         v_mode, vq_strides = 1, (vq.stride(0), vq.stride(1), 1, vq.stride(2))
     elif cfg.smooth_v:
@@ -116,29 +188,61 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
         v_mode, vq_strides = 2, (vq.stride(0), vq.stride(1), vq.stride(2), 1)
     else:
         vq, v_mode, vq_strides = v, 0, (v.stride(0), v.stride(1), v.stride(2), 1)
-    if seqs.count * h and seqs.max_len:
-        grid = (triton.cdiv(seqs.max_len, QUANT_BLOCK), seqs.count * h)
-        quantize_kv_kernel[grid](
+    if heads and seqs.max_len:
+        blocks = cdiv(seqs.max_len, QUANT_BLOCK)
+        per_chunk = next_power_of_2(cdiv(blocks, MAX_CHUNKS))  # a power of two: few compiled variants
+        n_chunks = cdiv(blocks, per_chunk)
+        partials = torch.empty(heads, n_chunks, 6, d_pad, dtype=torch.float32, device=k.device)
+        sync = sync_workspace(k.device, heads + 2)
+        # heads between a chunk's statistics and its quantization: ~LAG_CHUNKS chunks in between
+        lag = min(heads, max(1, LAG_CHUNKS // n_chunks))
+        args = (
             k, k.stride(0), k.stride(1), k.stride(2),
             v, v.stride(0), v.stride(1), v.stride(2),
-            _cu(seqs, k), seqs.n_dense, h,
-            *k_stats, *v_stats,
+            _cu(seqs, k), seqs.n_dense, h, heads, n_chunks, lag,
+            partials, stats, sync,
             kq, kq.stride(0), kq.stride(1), kq.stride(2),
             k_scale, k_scale.stride(0), k_scale.stride(1),
             vq, *vq_strides,
-            GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k,
-            V_MODE=v_mode, SMOOTH_V=cfg.smooth_v, V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0,
-            EXACT_CASTS=exact_casts(k.device),
-            HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen,
         )  # fmt: skip
+        constexprs = dict(
+            BLOCKS_PER_CHUNK=per_chunk, CHUNKS_PAD=next_power_of_2(n_chunks),
+            GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k,
+            V_STATS=need_v_stats, V_MODE=v_mode, SMOOTH_V=cfg.smooth_v,
+            V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0, EXACT_CASTS=exact_casts(k.device),
+            HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen,
+        )  # fmt: skip
+        launch_preprocess_kv(((heads + lag) * n_chunks,), args, constexprs, num_warps=4, num_stages=1)
+    k_stats, v_stats = (tuple(t.unbind(0)) for t in stats.unbind(0))
     return QuantizedKV(kq, k_scale, vq, cfg.is_fp8_pv, k_stats, v_stats, cfg, seqs)
+
+
+_SYNC: dict = {}
+
+
+def sync_workspace(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 counters for preprocess_kv_kernel, which leaves them zeroed when it ends.
+
+    One per (device, stream): launches on one stream run one after another, so they can share it.
+    A CUDA-graph capture gets counters of its own (its replays may overlap eager calls)."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(size, dtype=torch.int32, device=device)
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    else:
+        key = (device.type, 0)
+    ws = _SYNC.get(key)
+    if ws is None or ws.numel() < size:
+        ws = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        _SYNC[key] = ws
+    return ws
 
 
 def _smooth_q_terms(q: torch.Tensor, kv: QuantizedKV, k: torch.Tensor, qk_scale: float):
     """Block means of Q and the score correction mean(Q_block) . (K - mean K), in float32 (dense only)."""
     b, hq, nq, d = q.shape
     rows = C.Q_BLOCK_ROWS
-    nb = triton.cdiv(nq, rows)
+    nb = cdiv(nq, rows)
     q32 = q.float()
     q32 = torch.where(torch.isfinite(q32), q32, 0.0)
     q32 = torch.nn.functional.pad(q32, (0, 0, 0, nb * rows - nq))
@@ -183,8 +287,8 @@ def attention(
     d_pad = head_dim_pad(d)
     block_m, num_warps, num_stages = tile_config(d_pad, cfg, q.is_cuda)
     block_n = int(os.environ.get("QUANTATTN_BLOCK_N", cfg.kv_block))  # experiments only: changes the numerics
-    grid = (triton.cdiv(seqs_q.max_len, block_m), seqs_q.count * hq)
-    return sage_attention_kernel[grid](
+    grid = (cdiv(seqs_q.max_len, block_m), seqs_q.count * hq)
+    args = (
         q, q.stride(0), q.stride(1), q.stride(2),
         kv.k, kv.k.stride(0), kv.k.stride(1), kv.k.stride(2),
         kv.k_scale, kv.k_scale.stride(0), kv.k_scale.stride(1),
@@ -196,14 +300,16 @@ def attention(
         *lse_args,
         _cu(seqs_q, q), _cu(kv.seqs, q), seqs_q.n_dense, kv.seqs.n_dense, hq, hq // hkv,
         qk_scale, sm_scale,
+    )  # fmt: skip
+    constexprs = dict(
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k, SMOOTH_Q=cfg.smooth_q,
         SMOOTH_V=cfg.smooth_v, PV_MODE=PV_MODE[(cfg.pv_dtype, cfg.pv_accum)], P_SCALE=cfg.p_scale,
         V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0,
         PV_DTYPE=_triton_dtype(cfg), EXACT_CASTS=exact_casts(q.device),
         IS_CAUSAL=is_causal, IS_VARLEN=seqs_q.is_varlen, RETURN_LSE=lse is not None,
-        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    return launch_attention(grid, args, constexprs, num_warps, num_stages)
 
 
 def tile_config(d_pad: int, cfg: QuantConfig, on_gpu: bool) -> tuple[int, int, int]:
@@ -234,6 +340,10 @@ def sequences(call_tensor: torch.Tensor, cu_seqlens, max_seqlen: int) -> Sequenc
 
 def sage_forward(call) -> None:
     """Whole call: preprocess K/V, then the attention kernel (Q is quantized inside it)."""
+    dev = call.q.device
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):  # Triton compiles for and launches on the current device
+            return sage_forward(call)
     seqs_k = sequences(call.k, call.cu_seqlens_k, call.max_seqlen_k)
     seqs_q = sequences(call.q, call.cu_seqlens_q, call.max_seqlen_q)
     kv = preprocess_kv(call.k, call.v, call.cfg, seqs_k)

@@ -74,70 +74,191 @@ def token_stats_kernel(
 
 
 @triton.jit
-def quantize_kv_kernel(
-    K, stride_kb, stride_kh, stride_kn,
-    V, stride_vb, stride_vh, stride_vn,
-    cu_seqlens, n_dense, H,
-    K_MEAN, K_MAX, K_MIN, V_MEAN, V_MAX, V_MIN,
-    KQ, stride_qb, stride_qh, stride_qn,
-    K_SCALE, stride_sb, stride_sh,
-    VQ, stride_ob, stride_oh, stride_on, stride_od,
-    GRAN: tl.constexpr, QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
-    V_MODE: tl.constexpr, SMOOTH_V: tl.constexpr, V_RANGE: tl.constexpr, EXACT_CASTS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-):  # fmt: skip
-    """One 64-key block: K -> INT8/INT4 (smoothed, scale per key); V -> FP8 per channel (V_MODE 1,
-    written transposed [d, N] as the FP8 MMA wants it) or V - mean in the PV dtype (V_MODE 2)."""
-    pid_n, pid = tl.program_id(0), tl.program_id(1)
-    seq, h = pid // H, pid % H
-    b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN)
-    if pid_n * BLOCK_N >= n:
-        return
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, D_PAD)
-    rmask = rows < n
-    cmask = cols < HEAD_DIM
-    mask = rmask[:, None] & cmask[None, :]
-    grow = (start + rows).to(tl.int64)  # row within the (packed) tensor
-    stat = pid.to(tl.int64) * HEAD_DIM + cols
+def _load_rows(X, b, h, stride_b, stride_h, stride_n, grow, cols, mask):
+    return tl.load(X + b * stride_b + h * stride_h + grow[:, None] * stride_n + cols[None, :], mask=mask, other=0.0)
 
-    k = tl.load(
-        K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + grow[:, None] * stride_kn + cols[None, :],
-        mask=mask, other=0.0,
-    ).to(tl.float32)  # fmt: skip
+
+@triton.jit
+def _partial_stats(x, mask):
+    """Per channel: sum, max and min of the finite elements of a [rows, D] tile."""
+    x = x.to(tl.float32)
+    ok = is_finite(x) & mask
+    return (
+        tl.sum(tl.where(ok, x, 0.0), 0),
+        tl.max(tl.where(ok, x, float("-inf")), 0),
+        tl.min(tl.where(ok, x, float("inf")), 0),
+    )
+
+
+@triton.jit
+def _store_stats(ptr, plane, total, cmax, cmin, cmask):
+    tl.store(ptr, total, mask=cmask)
+    tl.store(ptr + plane, cmax, mask=cmask)
+    tl.store(ptr + 2 * plane, cmin, mask=cmask)
+
+
+@triton.jit
+def _reduce_partials(PART, n_chunks, cols, cmask, count, OUT, plane, CHUNKS_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """Sum, max and min over the chunks' partials of one tensor (PART: its [n_chunks, 6, D_PAD] rows),
+    in chunk order, so the result does not depend on which program ran last; stores mean, max, min.
+    `.cg` loads bypass L1: other programs, maybe on other SMs, wrote the partials."""
+    chunks = tl.arange(0, CHUNKS_PAD)
+    ptrs = PART + chunks[:, None] * (6 * D_PAD) + cols[None, :]
+    ok = (chunks[:, None] < n_chunks) & cmask[None, :]
+    total = tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), 0)
+    cmax = tl.max(tl.load(ptrs + D_PAD, mask=ok, other=float("-inf"), cache_modifier=".cg"), 0)
+    cmin = tl.min(tl.load(ptrs + 2 * D_PAD, mask=ok, other=float("inf"), cache_modifier=".cg"), 0)
+    _store_stats(OUT, plane, total / tl.maximum(count * 1.0, 1.0), cmax, cmin, cmask)
+
+
+@triton.jit
+def _quantize_k(k, grow, rmask, mask, cmask, b, h, stat, K_MEAN, K_MAX, K_MIN,
+                KQ, stride_qb, stride_qh, stride_qn, K_SCALE, stride_sb, stride_sh, cols,
+                GRAN: tl.constexpr, QMAX: tl.constexpr, SMOOTH_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                D_PAD: tl.constexpr):  # fmt: skip
+    """K block -> INT8/INT4 values (smoothed) with their scale per key group."""
+    k = k.to(tl.float32)
     row_ok = tl.min(tl.where(is_finite(k), 1, 0), 1) > 0
-    k_mean = tl.load(K_MEAN + stat, mask=cmask, other=0.0)
+    k_mean = tl.load(K_MEAN + stat, mask=cmask, other=0.0, cache_modifier=".cg")
     if SMOOTH_K:
         k = k - k_mean[None, :]
     k = tl.where(is_finite(k) & mask, k, 0.0)
     if GRAN == PER_TENSOR:
-        amax = channel_amax(k_mean, tl.load(K_MAX + stat, mask=cmask, other=0.0),
-                            tl.load(K_MIN + stat, mask=cmask, other=0.0), SMOOTH_K)  # fmt: skip
+        amax = channel_amax(k_mean, tl.load(K_MAX + stat, mask=cmask, other=0.0, cache_modifier=".cg"),
+                            tl.load(K_MIN + stat, mask=cmask, other=0.0, cache_modifier=".cg"), SMOOTH_K)  # fmt: skip
         amax = tl.zeros((BLOCK_N,), tl.float32) + tl.max(tl.where(cmask, amax, 0.0), 0)
     else:
         amax = k_row_amax(tl.abs(k), BLOCK_N, D_PAD, GRAN)
     kq, scale = quantize_rows(k, amax, QMAX)
     scale = tl.where(row_ok, scale, float("nan"))
-    tl.store(
-        KQ + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + grow[:, None] * stride_qn + cols[None, :],
-        kq, mask=mask,
-    )  # fmt: skip
-    tl.store(K_SCALE + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + grow, scale, mask=rmask)
+    tl.store(KQ + b * stride_qb + h * stride_qh + grow[:, None] * stride_qn + cols[None, :], kq, mask=mask)
+    tl.store(K_SCALE + b * stride_sb + h * stride_sh + grow, scale, mask=rmask)
 
-    if V_MODE != 0:
-        v = tl.load(
-            V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + grow[:, None] * stride_vn + cols[None, :],
-            mask=mask, other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        v_mean = tl.load(V_MEAN + stat, mask=cmask, other=0.0)
-        if SMOOTH_V:
-            v = v - v_mean[None, :]
-        if V_MODE == 1:
-            amax_v = channel_amax(v_mean, tl.load(V_MAX + stat, mask=cmask, other=0.0),
-                                  tl.load(V_MIN + stat, mask=cmask, other=0.0), SMOOTH_V)  # fmt: skip
-            amax_v = tl.maximum(amax_v, 1e-30)
-            vq = to_fp8_e4m3(v * (V_RANGE / amax_v)[None, :], EXACT_CASTS)
-        else:
-            vq = cast(v, VQ.dtype.element_ty, EXACT_CASTS)
-        out = VQ + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-        tl.store(out + grow[:, None] * stride_on + cols[None, :].to(tl.int64) * stride_od, vq, mask=mask)
+
+@triton.jit
+def _quantize_v(v, grow, mask, cmask, b, h, stat, V_MEAN, V_MAX, V_MIN,
+                VQ, stride_ob, stride_oh, stride_on, stride_od, cols,
+                V_MODE: tl.constexpr, SMOOTH_V: tl.constexpr, V_RANGE: tl.constexpr, EXACT_CASTS: tl.constexpr):  # fmt: skip
+    """V block -> FP8 with one scale per channel (V_MODE 1, stored transposed [d, N] as the FP8 MMA
+    wants it) or V - mean in the PV dtype (V_MODE 2)."""
+    v = v.to(tl.float32)
+    v_mean = tl.load(V_MEAN + stat, mask=cmask, other=0.0, cache_modifier=".cg")
+    if SMOOTH_V:
+        v = v - v_mean[None, :]
+    if V_MODE == 1:
+        amax_v = channel_amax(v_mean, tl.load(V_MAX + stat, mask=cmask, other=0.0, cache_modifier=".cg"),
+                              tl.load(V_MIN + stat, mask=cmask, other=0.0, cache_modifier=".cg"), SMOOTH_V)  # fmt: skip
+        amax_v = tl.maximum(amax_v, 1e-30)
+        vq = to_fp8_e4m3(v * (V_RANGE / amax_v)[None, :], EXACT_CASTS)
+    else:
+        vq = cast(v, VQ.dtype.element_ty, EXACT_CASTS)
+    out = VQ + b * stride_ob + h * stride_oh
+    tl.store(out + grow[:, None] * stride_on + cols[None, :].to(tl.int64) * stride_od, vq, mask=mask)
+
+
+@triton.jit
+def preprocess_kv_kernel(
+    K, stride_kb, stride_kh, stride_kn,
+    V, stride_vb, stride_vh, stride_vn,
+    cu_seqlens, n_dense, H, n_heads, n_chunks, lag,
+    PART, STATS, SYNC,
+    KQ, stride_qb, stride_qh, stride_qn,
+    K_SCALE, stride_sb, stride_sh,
+    VQ, stride_ob, stride_oh, stride_on, stride_od,
+    BLOCKS_PER_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr,
+    GRAN: tl.constexpr, QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
+    V_STATS: tl.constexpr, V_MODE: tl.constexpr, SMOOTH_V: tl.constexpr, V_RANGE: tl.constexpr,
+    EXACT_CASTS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Smooth and quantize K (and V) of every (sequence, kv head) in one launch.
+
+    Work comes in chunks of BLOCKS_PER_CHUNK * BLOCK_N keys of one head. Programs take tickets from a
+    counter (SYNC[0]) in the order they start; ticket t = (head h, chunk c) computes the statistics
+    of chunk c of head h (PART: [heads, n_chunks, 6, D_PAD] sums, maxima, minima of K then V; the
+    head's last chunk to finish reduces them into STATS, [2, 3, heads, D]: mean, max, min of K, then
+    V) and then quantizes chunk c of head h - lag with that head's finished statistics. A program
+    waits only for tickets smaller than its own, whose programs have all started, so the launch
+    cannot deadlock however few programs fit on the GPU (the interpreter, which runs them one after
+    another, included); with `lag` heads between the two halves the wait is rarely felt, and the
+    chunks being quantized were read recently enough to come from L2. The grid has
+    (n_heads + lag) * n_chunks programs. SYNC = [ticket, finished, arrivals per head] is zero before
+    the launch and is zeroed again by the last program to finish.
+    """
+    ticket = tl.atomic_add(SYNC, 1)
+    head = ticket // n_chunks
+    chunk = ticket % n_chunks
+    cols = tl.arange(0, D_PAD)
+    cmask = cols < HEAD_DIM
+    plane = (n_heads * HEAD_DIM).to(tl.int64)  # one plane of STATS
+    row0 = chunk * (BLOCKS_PER_CHUNK * BLOCK_N)
+
+    # ---- statistics of chunk c of head h ----
+    if head < n_heads:
+        seq, h = head // H, head % H
+        b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN)
+        b64, h64, head64 = b.to(tl.int64), h.to(tl.int64), head.to(tl.int64)
+        k_sum = tl.zeros((D_PAD,), tl.float32)
+        k_max = tl.full((D_PAD,), float("-inf"), tl.float32)
+        k_min = tl.full((D_PAD,), float("inf"), tl.float32)
+        v_sum, v_max, v_min = k_sum, k_max, k_min
+        for i in range(BLOCKS_PER_CHUNK):
+            rows = row0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = (rows[:, None] < n) & cmask[None, :]
+            grow = (start + rows).to(tl.int64)
+            s, mx, mn = _partial_stats(_load_rows(K, b64, h64, stride_kb, stride_kh, stride_kn, grow, cols, mask), mask)
+            k_sum, k_max, k_min = k_sum + s, tl.maximum(k_max, mx), tl.minimum(k_min, mn)
+            if V_STATS:
+                v = _load_rows(V, b64, h64, stride_vb, stride_vh, stride_vn, grow, cols, mask)
+                s, mx, mn = _partial_stats(v, mask)
+                v_sum, v_max, v_min = v_sum + s, tl.maximum(v_max, mx), tl.minimum(v_min, mn)
+        part = PART + (head64 * n_chunks + chunk) * (6 * D_PAD) + cols
+        _store_stats(part, D_PAD, k_sum, k_max, k_min, cmask)
+        _store_stats(part + 3 * D_PAD, D_PAD, v_sum, v_max, v_min, cmask)
+        # every thread's partials are stored before the (releasing) arrival is counted
+        tl.debug_barrier()
+        arrived = tl.atomic_add(SYNC + 2 + head, 1, sem="acq_rel")
+        if arrived == n_chunks - 1:  # the head's last chunk: reduce all of them
+            tl.debug_barrier()
+            head_part = PART + head64 * n_chunks * (6 * D_PAD)
+            stat = head64 * HEAD_DIM + cols
+            _reduce_partials(head_part, n_chunks, cols, cmask, n, STATS + stat, plane, CHUNKS_PAD, D_PAD)
+            if V_STATS:
+                _reduce_partials(head_part + 3 * D_PAD, n_chunks, cols, cmask, n, STATS + 3 * plane + stat, plane,
+                                 CHUNKS_PAD, D_PAD)  # fmt: skip
+            tl.debug_barrier()
+            tl.atomic_add(SYNC + 2 + head, 1, sem="release")  # n_chunks + 1: the statistics are ready
+
+    # ---- quantization of chunk c of head h - lag ----
+    qhead = head - lag
+    if qhead >= 0:
+        while tl.load(SYNC + 2 + qhead, volatile=True) <= n_chunks:
+            pass
+        tl.atomic_add(SYNC + 2 + qhead, 0, sem="acquire")
+        tl.debug_barrier()
+        seq, h = qhead // H, qhead % H
+        b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN)
+        b64, h64 = b.to(tl.int64), h.to(tl.int64)
+        stat = qhead.to(tl.int64) * HEAD_DIM + cols
+        for i in range(BLOCKS_PER_CHUNK):
+            rows = row0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            rmask = rows < n
+            mask = rmask[:, None] & cmask[None, :]
+            grow = (start + rows).to(tl.int64)
+            k = _load_rows(K, b64, h64, stride_kb, stride_kh, stride_kn, grow, cols, mask)
+            _quantize_k(k, grow, rmask, mask, cmask, b64, h64, stat, STATS, STATS + plane, STATS + 2 * plane,
+                        KQ, stride_qb, stride_qh, stride_qn, K_SCALE, stride_sb, stride_sh, cols,
+                        GRAN, QMAX, SMOOTH_K, BLOCK_N, D_PAD)  # fmt: skip
+            if V_MODE != 0:
+                v = _load_rows(V, b64, h64, stride_vb, stride_vh, stride_vn, grow, cols, mask)
+                _quantize_v(v, grow, mask, cmask, b64, h64, stat, STATS + 3 * plane, STATS + 4 * plane,
+                            STATS + 5 * plane, VQ, stride_ob, stride_oh, stride_on, stride_od, cols,
+                            V_MODE, SMOOTH_V, V_RANGE, EXACT_CASTS)  # fmt: skip
+
+    # ---- the last program to finish leaves SYNC zeroed for the next launch ----
+    tl.debug_barrier()
+    finished = tl.atomic_add(SYNC + 1, 1, sem="acq_rel")
+    if finished == tl.num_programs(0) - 1:
+        for i in range(0, n_heads + 2, 1024):
+            idx = i + tl.arange(0, 1024)
+            tl.store(SYNC + idx, tl.zeros((1024,), tl.int32), mask=idx < n_heads + 2)

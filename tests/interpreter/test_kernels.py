@@ -211,3 +211,34 @@ def test_smooth_q_with_two_query_blocks_per_tile(monkeypatch):
     q, k, v = make(33, 1, 2, 200, 64), make(34, 1, 2, 150, 64, outliers=True), make(35, 1, 2, 150, 64)
     out, ref = run_both(q, k, v, cfg, is_causal=True)
     assert_matches(out, ref, attention_fp64(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_preprocessing_in_chunks_of_several_blocks(monkeypatch, varlen):
+    """Long sequences are split into at most MAX_CHUNKS chunks of several 64-key blocks each; with
+    MAX_CHUNKS = 2 short inputs take that path. Statistics and quantized K/V must not change, and the
+    synchronization counters must be left zeroed for the next launch."""
+    from quantattn.kernels import launch
+
+    k, v = (make(s, 1, 2, 300, 64, outliers=True) for s in (40, 41))
+    cfg = QuantConfig()
+    if varlen:
+        cu = torch.tensor([0, 70, 300], dtype=torch.int32)
+        seqs = launch.Sequences(2, 0, 230, cu)
+    else:
+        seqs = launch.sequences(k, None, 0)
+    whole = launch.preprocess_kv(k, v, cfg, seqs)
+    monkeypatch.setattr(launch, "MAX_CHUNKS", 2)
+    chunked = launch.preprocess_kv(k, v, cfg, seqs)
+    for a, b in zip((*whole.k_stats, *whole.v_stats), (*chunked.k_stats, *chunked.v_stats)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(whole.k, chunked.k)
+    assert torch.equal(whole.k_scale, chunked.k_scale)
+    assert torch.equal(whole.v[..., :300].float(), chunked.v[..., :300].float())
+    sync = launch.sync_workspace(k.device, 8)
+    assert not sync.any(), "preprocess_kv_kernel left its counters dirty"
+    # the statistics are what the reference computes: per sequence, over its own tokens
+    for (lo, hi), s in zip(((0, 70), (70, 300)) if varlen else ((0, 300),), range(2)):
+        kk = k[0, :, lo:hi].float() if varlen else k[0].float()
+        torch.testing.assert_close(chunked.k_stats[0][s], kk.mean(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked.k_stats[1][s], kk.amax(1))
