@@ -12,7 +12,7 @@ import torch
 
 from quantattn import guards, ops
 from quantattn import validation as V
-from quantattn.backends import AttentionCall, select_backend
+from quantattn.backends import AttentionCall, device_capability, select_backend
 from quantattn.config import PV_ACCUMS, QuantConfig
 
 # keyword name (official package's where it has one) -> QuantConfig field
@@ -29,11 +29,15 @@ CONFIG_KEYWORDS = {
 _warned_cpu = False
 
 
+_SAGE2 = QuantConfig()
+_SAGE1_FP32_ACC = QuantConfig(pv_dtype="fp16", pv_accum="fp32")
+
+
 def default_config(device: torch.device) -> QuantConfig:
     """SageAttention2 (INT8 QK per token, FP8 PV, two-level accumulation) where FP8 runs, else SageAttention."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        return QuantConfig(pv_dtype="fp16", pv_accum="fp32")
-    return QuantConfig()
+    if device.type == "cuda" and device_capability(device) < (8, 9):
+        return _SAGE1_FP32_ACC
+    return _SAGE2
 
 
 def resolve_config(device: torch.device, config: QuantConfig | None, options: dict) -> QuantConfig:

@@ -230,7 +230,7 @@ def test_preprocessing_in_chunks_of_several_blocks(monkeypatch, varlen):
     whole = launch.preprocess_kv(k, v, cfg, seqs)
     monkeypatch.setattr(launch, "MAX_CHUNKS", 2)
     chunked = launch.preprocess_kv(k, v, cfg, seqs)
-    for a, b in zip((*whole.k_stats, *whole.v_stats), (*chunked.k_stats, *chunked.v_stats)):
+    for a, b in zip((*whole.k_stats, *whole.v_stats), (*chunked.k_stats, *chunked.v_stats), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert torch.equal(whole.k, chunked.k)
     assert torch.equal(whole.k_scale, chunked.k_scale)
@@ -238,7 +238,7 @@ def test_preprocessing_in_chunks_of_several_blocks(monkeypatch, varlen):
     sync = launch.sync_workspace(k.device, 8)
     assert not sync.any(), "preprocess_kv_kernel left its counters dirty"
     # the statistics are what the reference computes: per sequence, over its own tokens
-    for (lo, hi), s in zip(((0, 70), (70, 300)) if varlen else ((0, 300),), range(2)):
+    for s, (lo, hi) in enumerate(((0, 70), (70, 300)) if varlen else ((0, 300),)):
         kk = k[0, :, lo:hi].float() if varlen else k[0].float()
         torch.testing.assert_close(chunked.k_stats[0][s], kk.mean(1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(chunked.k_stats[1][s], kk.amax(1))
