@@ -25,6 +25,8 @@ def size_and_rank(group) -> tuple[int, int]:
             "quantattn.distributed needs an initialized torch.distributed process group "
             "(torch.distributed.init_process_group: 'nccl' for CUDA tensors, 'gloo' for CPU tensors)"
         )
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError(f"this process (rank {dist.get_rank()}) is not a member of the given process group")
     return dist.get_world_size(group), dist.get_rank(group)
 
 

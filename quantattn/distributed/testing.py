@@ -15,6 +15,7 @@ import inspect
 import os
 import queue
 import shutil
+import socket
 import tempfile
 import time
 import traceback
@@ -52,8 +53,19 @@ def _resolve(ref: tuple[str, str, str]):
     return getattr(module, qualname)
 
 
+def _loopback_interface() -> str | None:
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((name for name in names if name in ("lo", "lo0")), None)
+
+
 def _worker(rank, world_size, backend, init_file, timeout_s, env, tasks, results):
     os.environ.update(env)
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ and _loopback_interface():
+        # every rank is on this machine: loopback works where the host name does not resolve (containers)
+        os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()
     torch.set_num_threads(1)  # world_size processes share the machine's cores
     if backend == "nccl":
         torch.cuda.set_device(rank)

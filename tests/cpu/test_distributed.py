@@ -55,7 +55,8 @@ _groups: dict = {}
 def setup_worker() -> int:
     """Once per process: the pair groups, the USP groups, quiet CPU warnings."""
     warnings.filterwarnings("ignore", message="quantattn: CPU tensors run the pure-PyTorch reference")
-    _groups[2], _ = dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])
+    _groups[2], pairs = dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])
+    _groups["other_pair"] = pairs[1 - dist.get_rank() // 2]
     _groups[WORLD] = None
     _groups["usp"] = usp_groups(ulysses_size=2)
     return dist.get_rank()
@@ -211,6 +212,9 @@ def task_raises(case):
         elif case == "bad_layout":
             q, k, v = inputs(1, n=8)
             ulysses_attention(q, k, v, "BHND", group=group)
+        elif case == "not_a_member":
+            q, k, v = inputs(1, n=8)
+            ring_attention(q, k, v, group=_groups["other_pair"])
         elif case == "bad_option":
             q, k, v = inputs(1, n=8)
             ring_attention(q, k, v, group=group, qk_quant_dtype="int3")
@@ -314,14 +318,15 @@ def test_usp_with_quantattn(group):
         ("causal_cross_lengths", "ValueError", "query and key shards must have one length, got 8 and 16"),
         ("bad_layout", "ValueError", "tensor_layout must be 'HND'"),
         ("bad_option", "ValueError", "qk_quant_dtype must be one of"),
+        ("not_a_member", "ValueError", "is not a member of the given process group"),
     ],
 )  # fmt: skip
 def test_bad_calls_raise_the_same_error_on_every_rank(group, case, error, match):
     import re
 
-    answers = group.run(task_raises, case)
-    assert all(a == answers[0] for a in answers), answers  # no rank is left waiting in a collective
-    assert answers[0] is not None and answers[0][0] == error and re.search(match, answers[0][1]), answers[0]
+    answers = group.run(task_raises, case)  # returns only when no rank is left waiting in a collective
+    for answer in answers:
+        assert answer is not None and answer[0] == error and re.search(match, answer[1]), answer
 
 
 def test_group_reports_a_failing_rank_and_stays_usable(group):
