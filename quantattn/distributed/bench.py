@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one untimed call (default 3)")
     p.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
     p.add_argument("--tag", default=None)
-    p.add_argument("--timeout", type=float, default=900, help="seconds any one step may take")
+    p.add_argument("--timeout", type=float, default=900, help="seconds the whole measurement may take (default 900)")
     return p
 
 
