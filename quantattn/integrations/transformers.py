@@ -20,14 +20,10 @@ from __future__ import annotations
 import torch
 import transformers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from quantattn.config import QuantConfig
 from quantattn.integrations import torch_sdpa as S
-
-try:
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-except ImportError:  # transformers < 4.53 builds SDPA masks for every implementation itself
-    AttentionMaskInterface = sdpa_mask = None
 
 NAME = "quantattn"
 
@@ -44,9 +40,8 @@ def register(name: str = NAME, config: QuantConfig | None = None, cpu: str = "fa
     route = S.Route(config, cpu)
     S.let_dynamo_count_fallbacks()
     transformers.AttentionInterface.register(name, _attention_function(name, route))
-    if AttentionMaskInterface is not None:
-        # without a mask function, transformers would hand this implementation no mask at all
-        AttentionMaskInterface.register(name, sdpa_mask)
+    # without a mask function of its own, transformers would hand this implementation no mask at all
+    AttentionMaskInterface.register(name, sdpa_mask)
     return name
 
 
