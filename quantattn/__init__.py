@@ -1,5 +1,7 @@
 """quantattn: quantized attention (SageAttention 1, 2 and 2++) for PyTorch."""
 
+from quantattn.accuracy.calibration import calibrate, load_plan
+from quantattn.accuracy.inspector import inspect_attention
 from quantattn.api import (
     default_config,
     sageattn,
@@ -19,7 +21,10 @@ __all__ = [
     "QuantConfig",
     "VARIANTS",
     "attach",
+    "calibrate",
     "default_config",
+    "inspect_attention",
+    "load_plan",
     "patch",
     "patched",
     "sageattn",

@@ -49,12 +49,17 @@ ROUTES = (
 )
 
 
+def routed_config(dtype: torch.dtype, cfg: QuantConfig) -> QuantConfig:
+    """The configuration a call with inputs of `dtype` runs when it asks for `cfg`."""
+    for r in ROUTES:
+        if r.applies(dtype, cfg):
+            cfg = r.safe(cfg)
+    return cfg
+
+
 def route(call: AttentionCall) -> AttentionCall:
     """The call with the configuration it can safely run (itself when no route applies)."""
-    cfg = call.cfg
-    for r in ROUTES:
-        if r.applies(call.q.dtype, cfg):
-            cfg = r.safe(cfg)
+    cfg = routed_config(call.q.dtype, call.cfg)
     return call if cfg is call.cfg else dataclasses.replace(call, cfg=cfg)
 
 
@@ -88,4 +93,4 @@ def split(call: AttentionCall) -> tuple[AttentionCall, ...]:
     return tuple(parts)
 
 
-__all__ = ["MAX_GRID_Y", "ROUTES", "Route", "explain", "route", "split"]
+__all__ = ["MAX_GRID_Y", "ROUTES", "Route", "explain", "route", "routed_config", "split"]

@@ -28,6 +28,22 @@ def rmse(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - b).square().mean().sqrt())
 
 
+def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |out - ref| over all elements."""
+    a, b = out.detach().double(), ref.detach().double()
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def worst_row_rel_l1(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest relative L1 of one output row (one query of one head): sum|out - ref| / sum|ref| over
+    the last dimension. A row whose reference is all zeros counts its error against the mean row's size."""
+    a, b = out.detach().double(), ref.detach().double()
+    if not a.numel():
+        return 0.0
+    err, size = (a - b).abs().sum(-1), b.abs().sum(-1)
+    return float((err / torch.where(size > 0, size, size.mean().clamp_min(1e-300))).max())
+
+
 def accuracy_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"cosine": cosine_similarity(out, ref), "rel_l1": relative_l1(out, ref), "rmse": rmse(out, ref)}
 

@@ -1,0 +1,5 @@
+import sys
+
+from quantattn.accuracy.cli import main
+
+sys.exit(main())
