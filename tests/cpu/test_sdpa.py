@@ -74,6 +74,34 @@ def test_calls_kernels_cannot_take_fall_back(kwargs, reason):
     assert any(r.startswith(reason) for r in S.fallbacks), dict(S.fallbacks)
 
 
+def test_inputs_that_require_grad_fall_back_and_keep_their_gradients():
+    q, k, v = (t.requires_grad_() for t in qkv(7))
+    with quantattn.patched(cpu="reference"):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.float().sum().backward()
+    assert q.grad is not None and k.grad is not None
+    assert any(r.startswith("inputs require grad") for r in S.fallbacks)
+    S.reset_fallbacks()
+    with quantattn.patched(cpu="reference"), torch.no_grad():
+        F.scaled_dot_product_attention(q, k, v)  # no autograd: quantized
+    assert not S.fallbacks
+
+
+def test_no_keys_falls_back():
+    q, k, v = qkv(8, nk=0)
+    with quantattn.patched(cpu="reference"):
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(out, ORIGINAL(q, k, v), equal_nan=True)  # torch's answer, whatever it is
+    assert any(r.startswith("no keys") for r in S.fallbacks)
+
+
+def test_route_validates_its_settings():
+    with pytest.raises(ValueError, match="cpu must be"):
+        S.Route(cpu="cuda")
+    with pytest.raises(TypeError, match="QuantConfig"):
+        S.Route(config={"pv_dtype": "fp8"})
+
+
 def test_gqa_without_enable_gqa_behaves_as_torch():
     q, k, v = qkv(3, hq=4, hkv=2)
     with quantattn.patched(cpu="reference"), pytest.raises(RuntimeError):
