@@ -25,7 +25,7 @@ import torch
 
 from quantattn.distributed.collectives import ring_pass_start, size_and_rank
 from quantattn.distributed.merge import merge_into_
-from quantattn.distributed.ulysses import _head_and_seq_dims, check_shard_tensors
+from quantattn.distributed.ulysses import check_shard_tensors, head_and_seq_dims
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def ring_attention(
     """
     world, rank = size_and_rank(group)
     check_shard_tensors("ring_attention", q, k, v, tensor_layout, group, check_shards)
-    h, s = _head_and_seq_dims(tensor_layout)
+    h, s = head_and_seq_dims(tensor_layout)
     n, nk = q.shape[s], k.shape[s]
     if is_causal and n != nk:
         raise ValueError(f"ring_attention: with is_causal, query and key shards must have one length, got {n} and {nk}")

@@ -16,7 +16,7 @@ from quantattn import validation as V
 from quantattn.distributed.collectives import all_to_all_start, check_same_shards, size_and_rank
 
 
-def _head_and_seq_dims(tensor_layout: str) -> tuple[int, int]:
+def head_and_seq_dims(tensor_layout: str) -> tuple[int, int]:
     return (1, 2) if tensor_layout == "HND" else (2, 1)
 
 
@@ -34,7 +34,7 @@ def check_shard_tensors(caller: str, q, k, v, tensor_layout: str, group, check_s
                 f"{caller}: {name} must be 4-D ([B, H, N, d] for 'HND', [B, N, H, d] for 'NHD'), got shape "
                 f"{tuple(t.shape)}"
             )
-    h, s = _head_and_seq_dims(tensor_layout)
+    h, s = head_and_seq_dims(tensor_layout)
     hq, hkv = q.shape[h], k.shape[h]
     if v.shape[h] != hkv or k.shape[s] != v.shape[s]:
         raise ValueError(f"{caller}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -78,7 +78,7 @@ def ulysses_attention(
     """
     world, _ = size_and_rank(group)
     check_shard_tensors("ulysses_attention", q, k, v, tensor_layout, group, check_shards)
-    h, s = _head_and_seq_dims(tensor_layout)
+    h, s = head_and_seq_dims(tensor_layout)
     hq, hkv = q.shape[h], k.shape[h]
     if hq % world:
         raise ValueError(
