@@ -13,6 +13,7 @@ from quantattn.accuracy.ablation import INPUT_KINDS
 def plot(rows_or_path, png_path, title: str | None = None) -> Path:
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import NullFormatter
     except ImportError as exc:
         raise ImportError(f"the accuracy chart needs matplotlib (pip install matplotlib): {exc}") from exc
 
@@ -43,6 +44,7 @@ def plot(rows_or_path, png_path, title: str | None = None) -> Path:
                                                for k, (g, lab) in enumerate(labels)], fontsize=6)  # fmt: skip
             ax.invert_yaxis()
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(axis="x", which="both", alpha=0.3)
             ax.set_title(f"head_dim {d}, {kind} inputs", fontsize=9)
             ax.set_xlabel("relative L1 vs FP64 (log)", fontsize=8)

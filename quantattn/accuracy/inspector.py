@@ -40,7 +40,9 @@ FORMAT = "quantattn-attention-report/1"
 K_CHANNEL_OUTLIER = 3.0  # max |mean_c K| / rms(K - mean): smooth K matters (it is on in every variant)
 K_TOKEN_OUTLIER = 20.0  # largest key / median key (max |.|): the token mean is a poor centre for smooth K
 FP16_ACC_V = 65504.0 / 64  # an FP16 accumulator of 64 products of P <= 1 overflows beyond this |V|
-FLOAT32_SCORES = 1e38  # |q| |k| sm_scale beyond float32: no float32 attention holds these scores
+# |q| |k| sm_scale: beyond ~1e5 the kernels' fused exponent, exp2(s * q_scale - m) as one FMA against the
+# rounded row maximum m, lets the row's largest P pass 1 by half an ulp of the score (docs/accuracy.md)
+LARGE_LOGITS = 1e5
 
 
 def _candidate_configs(candidates) -> dict[str, QuantConfig]:
@@ -84,8 +86,8 @@ class CallStats:
             out.append("|V| beyond float16: FP16 PV would overflow (bf16 inputs run BF16 PV)")
         elif self.max_abs_v > FP16_ACC_V:
             out.append(f"|V| > {FP16_ACC_V:.0f}: an FP16 accumulator (sage1-fp16acc) can overflow")
-        if self.score_bound > FLOAT32_SCORES:
-            out.append("scores may pass float32's range")
+        if self.score_bound > LARGE_LOGITS:
+            out.append(f"softmax logits up to {self.score_bound:.2g}: beyond ~1e5 the kernels lose accuracy")
         if self.seq_k < 16:
             out.append(f"only {self.seq_k} keys")
         return out

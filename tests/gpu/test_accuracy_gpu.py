@@ -1,0 +1,279 @@
+"""Issue #6 on the GPU: the guards on the Triton kernels (128K keys, 64-bit offsets, CUDA's grid limit,
+saturation, padded head_dims, huge dynamic range), the inspector and calibration on a larger randomly
+initialized model, and the ablation command.
+
+Kernel results are held to the reference variant they implement, as in test_kernels_gpu.py: within a
+tenth of the reference's own error against FP64 attention.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import quantattn
+from quantattn import guards, metrics
+from quantattn.accuracy.models import TinyTransformer
+from quantattn.config import SAGE1, SAGE1_FP16ACC, SAGE2PP, VARIANTS, QuantConfig
+from quantattn.reference import attention_fp64
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+DEV = "cuda"
+DEFAULT = QuantConfig()
+KERNEL_VS_REFERENCE = 0.1
+
+
+def rel_l1(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().sum() / b.abs().sum())
+
+
+def rnd(seed, *shape, bias=0.0, scale=1.0, dtype=torch.bfloat16):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = scale * torch.randn(*shape, generator=g, device=DEV)
+    if bias:
+        x = x + bias * torch.randn(*shape[:-2], 1, shape[-1], generator=g, device=DEV)
+    return x.to(dtype)
+
+
+def check(q, k, v, cfg, layout="HND", **kw):
+    """Kernel within a tenth of the reference's error against FP64, both finite where FP64 is."""
+    out = quantattn.sageattn(q, k, v, layout, config=cfg, backend="triton", **kw)
+    ref = quantattn.sageattn(q, k, v, layout, config=cfg, backend="reference", **kw)
+    hnd = (lambda t: t) if layout == "HND" else (lambda t: t.transpose(1, 2))
+    truth = attention_fp64(hnd(q), hnd(k), hnd(v), kw.get("is_causal", False), kw.get("sm_scale"), chunk=256)
+    assert torch.isfinite(out).all(), "NaN/Inf in the kernel's output"
+    err_ref = rel_l1(hnd(ref), truth)
+    assert rel_l1(out, ref) <= KERNEL_VS_REFERENCE * err_ref + 1e-5, (cfg.name, rel_l1(out, ref), err_ref)
+    return out, err_ref
+
+
+# ----------------------------------------------------------------------------------------------------
+# Guards on the kernels
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_128k_keys(causal):
+    """The last 1024 queries against 131072 keys with channel bias in K and V: statistics over 128K tokens,
+    1024 softmax steps, bottom-right causal alignment."""
+    q = rnd(1, 1, 4, 1024, 128, bias=1.0)
+    k, v = rnd(2, 1, 2, 131072, 128, bias=8.0), rnd(3, 1, 2, 131072, 128, bias=2.0)
+    check(q, k, v, DEFAULT, is_causal=causal)
+
+
+def test_128k_by_128k_against_fp64():
+    """One head of a full 128K x 128K call (the kernel against FP64 attention directly: the reference's
+    tiled loop is too slow at this size): finite, and as accurate as the default variant is at 8K."""
+    q, k, v = rnd(4, 1, 1, 131072, 128), rnd(5, 1, 1, 131072, 128, bias=4.0), rnd(6, 1, 1, 131072, 128)
+    out = quantattn.sageattn(q, k, v, is_causal=True)
+    assert torch.isfinite(out).all()
+    truth = attention_fp64(q, k, v, is_causal=True, chunk=512)
+    short = quantattn.sageattn(q[:, :, :8192], k[:, :, :8192], v[:, :, :8192], is_causal=True)
+    err_8k = rel_l1(short, attention_fp64(q[:, :, :8192], k[:, :, :8192], v[:, :, :8192], is_causal=True))
+    assert rel_l1(out, truth) <= 1.5 * err_8k, (rel_l1(out, truth), err_8k)
+
+
+def test_64_bit_key_offsets():
+    """FP16 PV reads the caller's V in place: in NHD its row stride is H * d, and 131072 keys of 128 heads
+    of 256 channels pass 2**31 elements (32-bit offsets would wrap). Heads 0 and 127 against the
+    reference on those heads alone."""
+    n, h, d = 131072, 128, 256
+    q = rnd(7, 1, 64, h, d, dtype=torch.float16)
+    k = rnd(8, 1, n, h, d, dtype=torch.float16)
+    v = rnd(9, 1, n, h, d, dtype=torch.float16)
+    assert (n - 64) * h * d >= 2**31
+    out = quantattn.sageattn(q, k, v, "NHD", config=SAGE1)
+    assert torch.isfinite(out).all()
+    heads = torch.tensor([0, h - 1], device=DEV)
+    sub = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
+    del k, v
+    ref = quantattn.sageattn(*sub, config=SAGE1, backend="reference")
+    truth = attention_fp64(*sub, chunk=64)
+    got = out.index_select(2, heads).transpose(1, 2)
+    assert rel_l1(got, ref) <= KERNEL_VS_REFERENCE * rel_l1(ref, truth) + 1e-5
+
+
+def test_past_the_grid_limit():
+    """2049 sequences x 32 heads = 65568 (sequence, head) pairs, past CUDA's 65535: split by sequences."""
+    q, k, v = (rnd(s, 2049, 32, 16, 64) for s in (10, 11, 12))
+    assert len(guards.split(guards.route(_call(q, k, v)))) == 2
+    check(q, k, v, DEFAULT, is_causal=True)
+    check(q, k, v, SAGE1)
+
+
+def _call(q, k, v):
+    from quantattn.backends import AttentionCall
+
+    return AttentionCall(q, k, v, DEFAULT, False, 0.125, torch.empty_like(q), None)
+
+
+@pytest.mark.parametrize("name", [n for n, c in VARIANTS.items() if c.pv_accum != "fp16+fp32"])
+def test_output_saturates_at_float16_max(name):
+    """P rounded up by FP8 (275 -> 288) with V at 65504: FP64 gives 65504, the output must not be Inf."""
+    d, nk, target = 16, 256, 275 / 448
+    q = torch.zeros(1, 1, 64, d, device=DEV)
+    q[..., 0] = 1
+    k = torch.zeros(1, 1, nk, d, device=DEV)
+    k[:, :, 0, 0] = 1
+    v = torch.full((1, 1, nk, d), 65504.0, device=DEV)
+    v[..., 1::2] *= -1
+    q, k, v = q.half(), k.half(), v.half()
+    out = quantattn.sageattn(q, k, v, sm_scale=-math.log(target), config=VARIANTS[name])
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, attention_fp64(q, k, v, sm_scale=-math.log(target)).half())
+
+
+def test_sage2pp_partials_at_the_range_limits():
+    q, k = torch.zeros(1, 2, 64, 32, device=DEV).half(), torch.zeros(1, 2, 640, 32, device=DEV).half()
+    v = torch.full((1, 2, 640, 32), 60000.0, device=DEV).half()
+    out = quantattn.sageattn(q, k, v, config=SAGE2PP)
+    assert torch.isfinite(out).all() and torch.equal(out, v[:, :, :64])
+
+
+def test_fp16_accumulator_range_is_the_variants_own():
+    """As on the CPU: sage1-fp16acc overflows beyond |V| ~ 65504/64 with flat attention (documented)."""
+    q, k = torch.zeros(1, 1, 64, 64, device=DEV).half(), torch.zeros(1, 1, 256, 64, device=DEV).half()
+    v = torch.full((1, 1, 256, 64), 2000.0, device=DEV).half()
+    assert torch.isinf(quantattn.sageattn(q, k, v, config=SAGE1_FP16ACC)).all()
+
+
+@pytest.mark.parametrize("d", [80, 96, 160, 200])
+def test_padded_head_dims(d):
+    q, k, v = rnd(13, 1, 4, 777, d), rnd(14, 1, 2, 901, d, bias=4.0), rnd(15, 1, 2, 901, d)
+    for cfg in (DEFAULT, SAGE1, SAGE2PP):
+        check(q, k, v, cfg, is_causal=True)
+
+
+@pytest.mark.parametrize("nk", [1, 2, 3, 5, 16])
+def test_short_key_sequences(nk):
+    q, k, v = rnd(16, 2, 4, 100, 128), rnd(17, 2, 2, nk, 128, bias=6.0), rnd(18, 2, 2, nk, 128)
+    for cfg in (DEFAULT, SAGE1, SAGE2PP):
+        out = quantattn.sageattn(q, k, v, config=cfg, backend="triton")
+        ref = quantattn.sageattn(q, k, v, config=cfg, backend="reference")
+        truth = attention_fp64(q, k, v)
+        assert torch.isfinite(out).all()
+        assert rel_l1(out, truth) <= 2 * rel_l1(ref, truth) + 2**-8
+
+
+DYNAMIC = {
+    "qk 30 (logits ~4e3)": (30.0, 30.0, 1.0),
+    "qk 100 (logits ~4e4)": (100.0, 100.0, 1.0),
+    "all 1e-30": (1e-30, 1e-30, 1e-30),
+    "v 1e-8": (1.0, 1.0, 1e-8),
+    "v 1e5": (1.0, 1.0, 1e5),
+    "q 1e-20, k 1e20": (1e-20, 1e20, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(DYNAMIC))
+def test_huge_dynamic_range(case):
+    sq, sk, sv = DYNAMIC[case]
+    q, k, v = rnd(19, 1, 4, 700, 64, scale=sq), rnd(20, 1, 4, 700, 64, scale=sk), rnd(21, 1, 4, 700, 64, scale=sv)
+    for cfg in (DEFAULT, SAGE1, SAGE2PP, QuantConfig(pv_dtype="fp16", pv_accum="fp32")):
+        check(q, k, v, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inspector and calibration on a larger model
+
+FAST_QUANT = {"sage2-8b": 5.0, "sage2++": 4.0, "sage1-fp16acc": 3.5, "sage1": 3.0, "sage2-4b": 2.0, "sdpa": 1.0}
+
+
+@pytest.fixture(scope="module")
+def big_model():
+    """Hidden 1024, 16 query heads over 4 kv heads (head_dim 64), 4 blocks (causal, plain, causal, masked),
+    channel bias in K; inputs of 2 x 2048 and 1 x 4096 tokens."""
+    torch.manual_seed(0)
+    model = TinyTransformer(dim=1024, heads=16, kv_heads=4, depth=4, causal=(True, False), masked=(3,), key_bias=3.0)
+    model = model.to(DEV, torch.bfloat16).eval()
+    xs = [rnd(30, 2, 2048, 1024), rnd(31, 1, 4096, 1024)]
+    return model, xs
+
+
+def test_inspector_on_a_larger_model(big_model):
+    model, xs = big_model
+    report = quantattn.inspect_attention(model, xs)
+    assert list(report.layers) == [f"blocks.{i}.attn#0" for i in range(4)]
+    assert report.layers["blocks.3.attn#0"].fallback.startswith("attn_mask")
+    for key in list(report.layers)[:3]:
+        rec = report.layers[key]
+        assert rec.calls == 2 and rec.stats.seq_k == 4096 and rec.stats.heads_kv == 4
+        assert rec.stats.k_channel_outlier > 1
+        assert report.error(key, "sdpa") < 0.01
+        for name in VARIANTS:
+            err = report.error(key, name)
+            assert err is not None and 0 < err < (0.3 if name == "sage2-4b" else 0.08), (key, name, err)
+    print(report.table())
+
+
+def test_inspector_errors_match_the_reference(big_model):
+    """The inspector's number for a call is the kernel's error on that call: close to the reference's."""
+    model, xs = big_model
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        calls.append((q, k, v, is_causal))
+        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)  # fmt: skip
+
+    torch.nn.functional.scaled_dot_product_attention = record
+    try:
+        report = quantattn.inspect_attention(model, xs[0], candidates=("sage2-8b",))
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    q, k, v, causal = calls[0]
+    ref = quantattn.sageattn(q, k, v, is_causal=causal, backend="reference")
+    err_ref = rel_l1(ref, attention_fp64(q, k, v, is_causal=causal))
+    assert abs(report.error("blocks.0.attn#0", "sage2-8b") - err_ref) <= 0.1 * err_ref
+
+
+def test_calibration_on_a_larger_model(big_model, tmp_path):
+    model, xs = big_model
+    report = quantattn.inspect_attention(model, xs, candidates=("sage2-8b", "sage2++", "sage1"))
+    errs = sorted(report.error(f"blocks.{i}.attn#0", "sage2-8b") for i in range(3))
+    plan = quantattn.accuracy.Plan.from_report(report, tolerance=errs[1], speeds=FAST_QUANT)
+    chosen = {k: c.variant for k, c in plan.layers.items()}
+    assert list(chosen.values()).count("sage2-8b") == 2 and chosen["blocks.3.attn#0"] == "sdpa"
+    path = plan.save(tmp_path / "plan.json")
+    with torch.no_grad():
+        full = model(xs[0])
+        with quantattn.load_plan(path).applied(model) as handle:
+            out = model(xs[0])
+    assert torch.isfinite(out).all() and 0 < rel_l1(out, full) < 0.05
+    assert dict(handle.counts) == {(k, v): 1 for k, v in chosen.items()}
+    # the H100's measured speeds keep full precision everywhere (cuDNN's bf16 attention is the fastest)
+    assert {c.variant for c in quantattn.accuracy.Plan.from_report(report, 1.0).layers.values()} == {"sdpa"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ablation command
+
+
+def test_ablation_command(tmp_path):
+    cmd = [sys.executable, "-m", "quantattn.accuracy", "--head-dims", "64", "128", "--seq-lens", "1024",
+           "--groups", "smooth K", "PV accumulator (FP8)", "variants", "--out", str(tmp_path), "--quiet"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "accuracy_ablation.json").read_text())
+    assert doc["metadata"]["backends"] == ["triton"] and not [r for r in doc["rows"] if "error" in r]
+    assert (tmp_path / "accuracy_ablation.png").exists()
+    by = {(r["setting"], r["inputs"], r["head_dim"]): r["rel_l1"] for r in doc["rows"]}
+    for d in (64, 128):
+        assert by[("sage2-8b", "outliers", d)] < 0.02 < by[("sage2-4b", "normal", d)]
+        assert by[("off", "outliers", d)] > by[("on (default)", "outliers", d)]  # smooth K helps on outliers
+    # the same numbers as the metrics on the same inputs
+    q, k, v = metrics.make_qkv(1, 8, 1024, 128, device=DEV, outliers=True, seed=0)
+    out = quantattn.sageattn(q, k, v, config=VARIANTS["sage2-8b"])
+    assert by[("sage2-8b", "outliers", 128)] == pytest.approx(
+        metrics.relative_l1(out, attention_fp64(q, k, v)), rel=1e-6
+    )
