@@ -19,8 +19,9 @@ QUANT_BLOCK = C.K_BLOCK_KEYS  # keys per quantization block (per-thread K groups
 STATS_BLOCK = 64
 # K/V preprocessing (preprocess_kv_kernel): at most MAX_CHUNKS programs per (sequence, head), and
 # about LAG_CHUNKS chunks between a chunk's statistics and its quantization
-MAX_CHUNKS = 64
+MAX_CHUNKS = 16
 LAG_CHUNKS = 512
+PREPROCESS_WARPS = 4
 GRAN_CODE = {name: i for i, name in enumerate(C.QK_GRANULARITIES)}
 PV_MODE = {
     ("fp8", "fp32+fp32"): A.PV_F8_TWO_LEVEL.value,
@@ -206,13 +207,13 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
             vq, *vq_strides,
         )  # fmt: skip
         constexprs = dict(
-            BLOCKS_PER_CHUNK=per_chunk, CHUNKS_PAD=next_power_of_2(n_chunks),
+            BLOCKS_PER_CHUNK=per_chunk,
             GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k,
             V_STATS=need_v_stats, V_MODE=v_mode, SMOOTH_V=cfg.smooth_v,
             V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0, EXACT_CASTS=exact_casts(k.device),
             HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen,
         )  # fmt: skip
-        launch_preprocess_kv(((heads + lag) * n_chunks,), args, constexprs, num_warps=4, num_stages=1)
+        launch_preprocess_kv(((heads + lag) * n_chunks,), args, constexprs, num_warps=PREPROCESS_WARPS, num_stages=1)
     k_stats, v_stats = (tuple(t.unbind(0)) for t in stats.unbind(0))
     return QuantizedKV(kq, k_scale, vq, cfg.is_fp8_pv, k_stats, v_stats, cfg, seqs)
 

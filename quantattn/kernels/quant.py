@@ -74,8 +74,11 @@ def token_stats_kernel(
 
 
 @triton.jit
-def _load_rows(X, b, h, stride_b, stride_h, stride_n, grow, cols, mask):
-    return tl.load(X + b * stride_b + h * stride_h + grow[:, None] * stride_n + cols[None, :], mask=mask, other=0.0)
+def _load_rows(X, b, h, stride_b, stride_h, stride_n, first, local, cols, mask):
+    """Rows first + local of head (b, h): a 64-bit scalar base and 32-bit offsets within the tile, so
+    that the tile's addresses do not take two registers per element."""
+    base = X + (b * stride_b + h * stride_h + first * stride_n)
+    return tl.load(base + (local[:, None] * stride_n + cols[None, :]), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -98,21 +101,26 @@ def _store_stats(ptr, plane, total, cmax, cmin, cmask):
 
 
 @triton.jit
-def _reduce_partials(PART, n_chunks, cols, cmask, count, OUT, plane, CHUNKS_PAD: tl.constexpr, D_PAD: tl.constexpr):
+def _reduce_partials(PART, n_chunks, cols, cmask, count, OUT, plane, D_PAD: tl.constexpr):
     """Sum, max and min over the chunks' partials of one tensor (PART: its [n_chunks, 6, D_PAD] rows),
     in chunk order, so the result does not depend on which program ran last; stores mean, max, min.
+    Eight chunks at a time: a rarely taken branch must not raise the whole kernel's register count.
     `.cg` loads bypass L1: other programs, maybe on other SMs, wrote the partials."""
-    chunks = tl.arange(0, CHUNKS_PAD)
-    ptrs = PART + chunks[:, None] * (6 * D_PAD) + cols[None, :]
-    ok = (chunks[:, None] < n_chunks) & cmask[None, :]
-    total = tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), 0)
-    cmax = tl.max(tl.load(ptrs + D_PAD, mask=ok, other=float("-inf"), cache_modifier=".cg"), 0)
-    cmin = tl.min(tl.load(ptrs + 2 * D_PAD, mask=ok, other=float("inf"), cache_modifier=".cg"), 0)
+    total = tl.zeros((D_PAD,), tl.float32)
+    cmax = tl.full((D_PAD,), float("-inf"), tl.float32)
+    cmin = tl.full((D_PAD,), float("inf"), tl.float32)
+    for c0 in range(0, n_chunks, 8):
+        chunks = c0 + tl.arange(0, 8)
+        ptrs = PART + chunks[:, None] * (6 * D_PAD) + cols[None, :]
+        ok = (chunks[:, None] < n_chunks) & cmask[None, :]
+        total += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), 0)
+        cmax = tl.maximum(cmax, tl.max(tl.load(ptrs + D_PAD, mask=ok, other=float("-inf"), cache_modifier=".cg"), 0))
+        cmin = tl.minimum(cmin, tl.min(tl.load(ptrs + 2 * D_PAD, mask=ok, other=float("inf"), cache_modifier=".cg"), 0))
     _store_stats(OUT, plane, total / tl.maximum(count * 1.0, 1.0), cmax, cmin, cmask)
 
 
 @triton.jit
-def _quantize_k(k, grow, rmask, mask, cmask, b, h, stat, K_MEAN, K_MAX, K_MIN,
+def _quantize_k(k, first, local, rmask, mask, cmask, b, h, stat, K_MEAN, K_MAX, K_MIN,
                 KQ, stride_qb, stride_qh, stride_qn, K_SCALE, stride_sb, stride_sh, cols,
                 GRAN: tl.constexpr, QMAX: tl.constexpr, SMOOTH_K: tl.constexpr, BLOCK_N: tl.constexpr,
                 D_PAD: tl.constexpr):  # fmt: skip
@@ -131,12 +139,13 @@ def _quantize_k(k, grow, rmask, mask, cmask, b, h, stat, K_MEAN, K_MAX, K_MIN,
         amax = k_row_amax(tl.abs(k), BLOCK_N, D_PAD, GRAN)
     kq, scale = quantize_rows(k, amax, QMAX)
     scale = tl.where(row_ok, scale, float("nan"))
-    tl.store(KQ + b * stride_qb + h * stride_qh + grow[:, None] * stride_qn + cols[None, :], kq, mask=mask)
-    tl.store(K_SCALE + b * stride_sb + h * stride_sh + grow, scale, mask=rmask)
+    kq_base = KQ + (b * stride_qb + h * stride_qh + first * stride_qn)
+    tl.store(kq_base + (local[:, None] * stride_qn + cols[None, :]), kq, mask=mask)
+    tl.store(K_SCALE + (b * stride_sb + h * stride_sh + first) + local, scale, mask=rmask)
 
 
 @triton.jit
-def _quantize_v(v, grow, mask, cmask, b, h, stat, V_MEAN, V_MAX, V_MIN,
+def _quantize_v(v, first, local, mask, cmask, b, h, stat, V_MEAN, V_MAX, V_MIN,
                 VQ, stride_ob, stride_oh, stride_on, stride_od, cols,
                 V_MODE: tl.constexpr, SMOOTH_V: tl.constexpr, V_RANGE: tl.constexpr, EXACT_CASTS: tl.constexpr):  # fmt: skip
     """V block -> FP8 with one scale per channel (V_MODE 1, stored transposed [d, N] as the FP8 MMA
@@ -152,8 +161,8 @@ def _quantize_v(v, grow, mask, cmask, b, h, stat, V_MEAN, V_MAX, V_MIN,
         vq = to_fp8_e4m3(v * (V_RANGE / amax_v)[None, :], EXACT_CASTS)
     else:
         vq = cast(v, VQ.dtype.element_ty, EXACT_CASTS)
-    out = VQ + b * stride_ob + h * stride_oh
-    tl.store(out + grow[:, None] * stride_on + cols[None, :].to(tl.int64) * stride_od, vq, mask=mask)
+    out = VQ + (b * stride_ob + h * stride_oh + first * stride_on)
+    tl.store(out + (local[:, None] * stride_on + cols[None, :] * stride_od), vq, mask=mask)
 
 
 @triton.jit
@@ -165,7 +174,7 @@ def preprocess_kv_kernel(
     KQ, stride_qb, stride_qh, stride_qn,
     K_SCALE, stride_sb, stride_sh,
     VQ, stride_ob, stride_oh, stride_on, stride_od,
-    BLOCKS_PER_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr,
+    BLOCKS_PER_CHUNK: tl.constexpr,
     GRAN: tl.constexpr, QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_MODE: tl.constexpr, SMOOTH_V: tl.constexpr, V_RANGE: tl.constexpr,
     EXACT_CASTS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -190,7 +199,7 @@ def preprocess_kv_kernel(
     chunk = ticket % n_chunks
     cols = tl.arange(0, D_PAD)
     cmask = cols < HEAD_DIM
-    plane = (n_heads * HEAD_DIM).to(tl.int64)  # one plane of STATS
+    plane = (ticket * 0 + n_heads).to(tl.int64) * HEAD_DIM  # one plane of STATS (n_heads may be a constexpr 1)
     row0 = chunk * (BLOCKS_PER_CHUNK * BLOCK_N)
 
     # ---- statistics of chunk c of head h ----
@@ -203,13 +212,14 @@ def preprocess_kv_kernel(
         k_min = tl.full((D_PAD,), float("inf"), tl.float32)
         v_sum, v_max, v_min = k_sum, k_max, k_min
         for i in range(BLOCKS_PER_CHUNK):
-            rows = row0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask = (rows[:, None] < n) & cmask[None, :]
-            grow = (start + rows).to(tl.int64)
-            s, mx, mn = _partial_stats(_load_rows(K, b64, h64, stride_kb, stride_kh, stride_kn, grow, cols, mask), mask)
+            local = tl.arange(0, BLOCK_N)
+            mask = (row0 + i * BLOCK_N + local[:, None] < n) & cmask[None, :]
+            first = (start + row0 + i * BLOCK_N).to(tl.int64)
+            k = _load_rows(K, b64, h64, stride_kb, stride_kh, stride_kn, first, local, cols, mask)
+            s, mx, mn = _partial_stats(k, mask)
             k_sum, k_max, k_min = k_sum + s, tl.maximum(k_max, mx), tl.minimum(k_min, mn)
             if V_STATS:
-                v = _load_rows(V, b64, h64, stride_vb, stride_vh, stride_vn, grow, cols, mask)
+                v = _load_rows(V, b64, h64, stride_vb, stride_vh, stride_vn, first, local, cols, mask)
                 s, mx, mn = _partial_stats(v, mask)
                 v_sum, v_max, v_min = v_sum + s, tl.maximum(v_max, mx), tl.minimum(v_min, mn)
         part = PART + (head64 * n_chunks + chunk) * (6 * D_PAD) + cols
@@ -222,10 +232,9 @@ def preprocess_kv_kernel(
             tl.debug_barrier()
             head_part = PART + head64 * n_chunks * (6 * D_PAD)
             stat = head64 * HEAD_DIM + cols
-            _reduce_partials(head_part, n_chunks, cols, cmask, n, STATS + stat, plane, CHUNKS_PAD, D_PAD)
+            _reduce_partials(head_part, n_chunks, cols, cmask, n, STATS + stat, plane, D_PAD)
             if V_STATS:
-                _reduce_partials(head_part + 3 * D_PAD, n_chunks, cols, cmask, n, STATS + 3 * plane + stat, plane,
-                                 CHUNKS_PAD, D_PAD)  # fmt: skip
+                _reduce_partials(head_part + 3 * D_PAD, n_chunks, cols, cmask, n, STATS + 3 * plane + stat, plane, D_PAD)
             tl.debug_barrier()
             tl.atomic_add(SYNC + 2 + head, 1, sem="release")  # n_chunks + 1: the statistics are ready
 
@@ -241,17 +250,17 @@ def preprocess_kv_kernel(
         b64, h64 = b.to(tl.int64), h.to(tl.int64)
         stat = qhead.to(tl.int64) * HEAD_DIM + cols
         for i in range(BLOCKS_PER_CHUNK):
-            rows = row0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
-            rmask = rows < n
+            local = tl.arange(0, BLOCK_N)
+            rmask = row0 + i * BLOCK_N + local < n
             mask = rmask[:, None] & cmask[None, :]
-            grow = (start + rows).to(tl.int64)
-            k = _load_rows(K, b64, h64, stride_kb, stride_kh, stride_kn, grow, cols, mask)
-            _quantize_k(k, grow, rmask, mask, cmask, b64, h64, stat, STATS, STATS + plane, STATS + 2 * plane,
+            first = (start + row0 + i * BLOCK_N).to(tl.int64)
+            k = _load_rows(K, b64, h64, stride_kb, stride_kh, stride_kn, first, local, cols, mask)
+            _quantize_k(k, first, local, rmask, mask, cmask, b64, h64, stat, STATS, STATS + plane, STATS + 2 * plane,
                         KQ, stride_qb, stride_qh, stride_qn, K_SCALE, stride_sb, stride_sh, cols,
                         GRAN, QMAX, SMOOTH_K, BLOCK_N, D_PAD)  # fmt: skip
             if V_MODE != 0:
-                v = _load_rows(V, b64, h64, stride_vb, stride_vh, stride_vn, grow, cols, mask)
-                _quantize_v(v, grow, mask, cmask, b64, h64, stat, STATS + 3 * plane, STATS + 4 * plane,
+                v = _load_rows(V, b64, h64, stride_vb, stride_vh, stride_vn, first, local, cols, mask)
+                _quantize_v(v, first, local, mask, cmask, b64, h64, stat, STATS + 3 * plane, STATS + 4 * plane,
                             STATS + 5 * plane, VQ, stride_ob, stride_oh, stride_on, stride_od, cols,
                             V_MODE, SMOOTH_V, V_RANGE, EXACT_CASTS)  # fmt: skip
 
