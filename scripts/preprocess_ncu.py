@@ -11,5 +11,5 @@ seqs = launch.sequences(k, None, 0)
 for _ in range(3):
     launch.preprocess_kv(k, v, QuantConfig(), seqs)
 torch.cuda.synchronize()
-for key, (kernel, _) in launch.launch_preprocess_kv.compiled.items():
+for kernel, _ in launch.launch_preprocess_kv.compiled.values():
     print("preprocess_kv_kernel: registers", kernel.n_regs, "spills", kernel.n_spills, "shared", kernel.metadata.shared)
