@@ -46,7 +46,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="input dtype (default bf16)")
     p.add_argument("--groups", nargs="+", metavar="GROUP", help=f"knobs to run (default all): {list(ABLATION_GROUPS)}")
-    p.add_argument("--variants", nargs="+", metavar="NAME", help=f"instead of the groups, these: {list(ABLATIONS)}")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME",
+        help=f"instead of the groups, these ('all': every one): {list(ABLATIONS)}",
+    )
     p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
     p.add_argument("--with-reference", action="store_true", help="also run the reference on the same inputs")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the rows and metadata to this file")
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         b, h = args.batch or defaults["batch"], args.heads or defaults["heads"]
         shapes = [Shape(b, h, n, d) for d in args.head_dims or defaults["head_dims"]
                   for n in args.seq_lens or defaults["seq_lens"]]  # fmt: skip
+    if args.variants == ["all"]:
+        args.variants = list(ABLATIONS)
     if args.variants:
         unknown = [v for v in args.variants if v not in ABLATIONS]
         if unknown:

@@ -76,6 +76,8 @@ def test_first_tools_options_still_work(capsys, tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert {r["setting"] for r in rows} == {"sage2-8b", "sage2-8b no smooth_k"} and len(rows) == 4
     assert "sage2-8b no smooth_k" in capsys.readouterr().out
+    assert cli.main(["--shape", "1,1,16,16", "--variants", "all", "--json", str(path), "--quiet"]) == 0
+    assert {r["setting"] for r in json.loads(path.read_text())["rows"]} == set(A.ABLATIONS)
     with pytest.raises(SystemExit):
         cli.main(["--variants", "nope"])
     with pytest.raises(SystemExit):
