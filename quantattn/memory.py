@@ -76,7 +76,7 @@ def buffers(
         sizes["v_quant"] = _block(b * hkv * nk * d * PV_16BIT)
     # (otherwise the kernel reads V itself)
     if seqs * hkv and max_len:
-        blocks = _cdiv(max_len, L.quant_block(config))
+        blocks = _cdiv(max_len, L.QUANT_BLOCK)
         per_chunk = 1 << max(_cdiv(blocks, L.MAX_CHUNKS) - 1, 0).bit_length()
         sizes["partials"] = _block(seqs * hkv * _cdiv(blocks, per_chunk) * 6 * L.head_dim_pad(d) * FLOAT32)
     if varlen:

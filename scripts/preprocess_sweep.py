@@ -20,18 +20,15 @@ def gpu_ms(fn, reps=50):
 
 
 cfg = QuantConfig()
-print(
-    f"{'N':>6} {'copy K,V ms':>12} {'max_chunks':>10} {'lag_chunks':>10} {'warps':>5} {'keys':>5} {'preprocess ms':>14} {'GB/s (r+w)':>11}"
-)
+print(f"{'N':>6} {'copy K,V ms':>12} {'max_chunks':>10} {'lag_chunks':>10} {'warps':>5} {'preprocess ms':>14} {'GB/s (r+w)':>11}")
 for n in (1024, 4096, 16384):
     k, v = (torch.randn(4, 32, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     kc, vc = torch.empty_like(k), torch.empty_like(v)
     copy = gpu_ms(lambda: (kc.copy_(k), vc.copy_(v)))
     seqs = launch.sequences(k, None, 0)
-    for max_chunks, lag, warps, block in ((16, 512, 4, 64), (16, 512, 4, 32), (32, 512, 4, 32), (16, 512, 2, 32)):
+    for max_chunks, lag, warps in ((64, 512, 4), (64, 64, 4), (64, 4096, 4), (16, 512, 4), (64, 512, 8), (64, 512, 2)):
         if True:
             launch.MAX_CHUNKS, launch.LAG_CHUNKS, launch.PREPROCESS_WARPS = max_chunks, lag, warps
-            launch.QUANT_BLOCK_FREE = block
             ms = gpu_ms(lambda: launch.preprocess_kv(k, v, cfg, seqs))
             gbs = (k.numel() * 2 * 2 + k.numel() * 2 + k.numel() // 32 * 4) / ms / 1e6
-            print(f"{n:>6} {copy:>12.3f} {max_chunks:>10} {lag:>10} {warps:>5} {block:>5} {ms:>14.3f} {gbs:>11.0f}")
+            print(f"{n:>6} {copy:>12.3f} {max_chunks:>10} {lag:>10} {warps:>5} {ms:>14.3f} {gbs:>11.0f}")

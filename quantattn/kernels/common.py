@@ -125,18 +125,18 @@ def q_row_amax(a, BM: tl.constexpr, D: tl.constexpr, GRAN: tl.constexpr):
 
 @triton.jit
 def k_row_amax(a, BN: tl.constexpr, D: tl.constexpr, GRAN: tl.constexpr):
-    """Per-key max of |k| over the key's scale group, for a tile of BN keys (64 unless per token)."""
+    """Per-key max of |k| over the key's scale group, for a tile of BN == 64 keys."""
+    tl.static_assert(BN == 64)
     if GRAN == PER_TOKEN:
         return tl.max(a, 1)
     elif GRAN == PER_THREAD:
-        tl.static_assert(BN == 64)
         # key 8j + 2c + t belongs to group c
         g = tl.max(tl.max(tl.reshape(a, (8, 4, 2, D)), 3), 2)  # [8, 4]
         g = tl.max(g, 0)  # [4]
         g = tl.broadcast_to(tl.reshape(g, (1, 4, 1)), (8, 4, 2))
         return tl.reshape(g, (BN,))
     else:
-        tl.static_assert(((GRAN == PER_BLOCK) | (GRAN == PER_WARP)) & (BN == 64))
+        tl.static_assert((GRAN == PER_BLOCK) | (GRAN == PER_WARP))
         return tl.zeros((BN,), tl.float32) + tl.max(tl.max(a, 1), 0)
 
 

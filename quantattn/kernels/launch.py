@@ -16,8 +16,6 @@ from quantattn.kernels.quant import preprocess_kv_kernel, token_stats_kernel
 from quantattn.reference.attention import LOG2E
 
 QUANT_BLOCK = C.K_BLOCK_KEYS  # keys per quantization block (per-thread K groups live in 64 keys)
-# per-token (and per-tensor) scales tie no key to a 64-key group: half the tile, half the registers
-QUANT_BLOCK_FREE = 32
 STATS_BLOCK = 64
 # K/V preprocessing (preprocess_kv_kernel): at most MAX_CHUNKS programs per (sequence, head), and
 # about LAG_CHUNKS chunks between a chunk's statistics and its quantization
@@ -192,8 +190,7 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
     else:
         vq, v_mode, vq_strides = v, 0, (v.stride(0), v.stride(1), v.stride(2), 1)
     if heads and seqs.max_len:
-        block_n = quant_block(cfg)
-        blocks = cdiv(seqs.max_len, block_n)
+        blocks = cdiv(seqs.max_len, QUANT_BLOCK)
         per_chunk = next_power_of_2(cdiv(blocks, MAX_CHUNKS))  # a power of two: few compiled variants
         n_chunks = cdiv(blocks, per_chunk)
         partials = torch.empty(heads, n_chunks, 6, d_pad, dtype=torch.float32, device=k.device)
@@ -214,16 +211,11 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
             GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k,
             V_STATS=need_v_stats, V_MODE=v_mode, SMOOTH_V=cfg.smooth_v,
             V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0, EXACT_CASTS=exact_casts(k.device),
-            HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=block_n, IS_VARLEN=seqs.is_varlen,
+            HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen,
         )  # fmt: skip
         launch_preprocess_kv(((heads + lag) * n_chunks,), args, constexprs, num_warps=PREPROCESS_WARPS, num_stages=1)
     k_stats, v_stats = (tuple(t.unbind(0)) for t in stats.unbind(0))
     return QuantizedKV(kq, k_scale, vq, cfg.is_fp8_pv, k_stats, v_stats, cfg, seqs)
-
-
-def quant_block(cfg: QuantConfig) -> int:
-    """Keys per block of the K/V preprocessing."""
-    return QUANT_BLOCK_FREE if cfg.qk_granularity in ("per_token", "per_tensor") else QUANT_BLOCK
 
 
 _SYNC: dict = {}
