@@ -6,9 +6,7 @@ the statistics the kernels read, nothing that copies Q, K or V in their own prec
 do, and tests/gpu/test_integrations_gpu.py checks it against `torch.cuda.max_memory_allocated`.
 Each buffer counts as the CUDA caching allocator counts it: rounded up to 512 bytes.
 
-Not counted: the output and the log-sum-exp (the caller gets those), the int32 counters that the K/V
-preprocessing keeps per device and stream across calls (a few KiB, allocated once; a CUDA-graph capture
-allocates its own), and a contiguous copy of Q, K or V when its last dimension is not contiguous
+Not counted: the output and the log-sum-exp (the caller gets those), and a contiguous copy of Q, K or V when its last dimension is not contiguous
 (stride != 1: the kernels read channels with stride 1; every other layout, transposes and offsets
 included, is read in place).
 """
@@ -62,7 +60,9 @@ def buffers(
             q_shape, k_shape = ((s[0], s[2], s[1], s[3]) for s in (q_shape, k_shape))
         (b, hq, nq, d), (_, hkv, nk, _) = q_shape, k_shape
         seqs, max_len = b, nk
-    sizes = dict.fromkeys(("stats", "k_int8", "k_scale", "v_quant", "partials", "offsets", "q_stats", "smooth_q"), 0)
+    sizes = dict.fromkeys(
+        ("stats", "k_int8", "k_scale", "v_quant", "partials", "sync", "offsets", "q_stats", "smooth_q"), 0
+    )
     if b * hq * nq * d == 0:
         return sizes  # nothing runs
 
@@ -79,6 +79,7 @@ def buffers(
         blocks = _cdiv(max_len, L.QUANT_BLOCK)
         per_chunk = 1 << max(_cdiv(blocks, L.MAX_CHUNKS) - 1, 0).bit_length()
         sizes["partials"] = _block(seqs * hkv * _cdiv(blocks, per_chunk) * 6 * L.head_dim_pad(d) * FLOAT32)
+        sizes["sync"] = _block((seqs * hkv + 1) * INT32)  # the ticket and per-head arrival counters
     if varlen:
         sizes["offsets"] = 2 * _block((seqs + 1) * INT32)  # sequences(): cu_seqlens as int32 (q's and k's)
     # attention: per-tensor Q statistics, or smooth Q's block means and score corrections
@@ -112,8 +113,8 @@ def extra_bytes(
         max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     kv = s["stats"] + s["k_int8"] + s["k_scale"] + s["v_quant"] + s["offsets"]
-    # the partial sums are freed when preprocess_kv returns, before the attention kernel's extras
-    return max(kv + s["partials"], kv + s["q_stats"] + s["smooth_q"])
+    # the partial sums and counters are freed when preprocess_kv returns, before the attention kernel's extras
+    return max(kv + s["partials"] + s["sync"], kv + s["q_stats"] + s["smooth_q"])
 
 
 def _smooth_q_peak(b: int, hq: int, nq: int, hkv: int, nk: int, d: int) -> int:

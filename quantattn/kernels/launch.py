@@ -194,7 +194,9 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
         per_chunk = next_power_of_2(cdiv(blocks, MAX_CHUNKS))  # a power of two: few compiled variants
         n_chunks = cdiv(blocks, per_chunk)
         partials = torch.empty(heads, n_chunks, 6, d_pad, dtype=torch.float32, device=k.device)
-        sync = sync_workspace(k.device, heads + 2)
+        # zeroed per call (a memset, not a kernel): no state between calls, so concurrent streams,
+        # CUDA-graph replays and torch.compile's graph pools need no care
+        sync = torch.zeros(heads + 1, dtype=torch.int32, device=k.device)
         # heads between a chunk's statistics and its quantization: ~LAG_CHUNKS chunks in between
         lag = min(heads, max(1, LAG_CHUNKS // n_chunks))
         args = (
@@ -216,27 +218,6 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
         launch_preprocess_kv(((heads + lag) * n_chunks,), args, constexprs, num_warps=PREPROCESS_WARPS, num_stages=1)
     k_stats, v_stats = (tuple(t.unbind(0)) for t in stats.unbind(0))
     return QuantizedKV(kq, k_scale, vq, cfg.is_fp8_pv, k_stats, v_stats, cfg, seqs)
-
-
-_SYNC: dict = {}
-
-
-def sync_workspace(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 counters for preprocess_kv_kernel, which leaves them zeroed when it ends.
-
-    One per (device, stream): launches on one stream run one after another, so they can share it.
-    A CUDA-graph capture gets counters of its own (its replays may overlap eager calls)."""
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(size, dtype=torch.int32, device=device)
-        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
-    else:
-        key = (device.type, 0)
-    ws = _SYNC.get(key)
-    if ws is None or ws.numel() < size:
-        ws = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
-        _SYNC[key] = ws
-    return ws
 
 
 def _smooth_q_terms(q: torch.Tensor, kv: QuantizedKV, k: torch.Tensor, qk_scale: float):

@@ -191,8 +191,7 @@ def preprocess_kv_kernel(
     cannot deadlock however few programs fit on the GPU (the interpreter, which runs them one after
     another, included); with `lag` heads between the two halves the wait is rarely felt, and the
     chunks being quantized were read recently enough to come from L2. The grid has
-    (n_heads + lag) * n_chunks programs. SYNC = [ticket, finished, arrivals per head] is zero before
-    the launch and is zeroed again by the last program to finish.
+    (n_heads + lag) * n_chunks programs. SYNC = [ticket, arrivals per head], zeroed before the launch.
     """
     ticket = tl.atomic_add(SYNC, 1)
     head = ticket // n_chunks
@@ -227,23 +226,25 @@ def preprocess_kv_kernel(
         _store_stats(part + 3 * D_PAD, D_PAD, v_sum, v_max, v_min, cmask)
         # every thread's partials are stored before the (releasing) arrival is counted
         tl.debug_barrier()
-        arrived = tl.atomic_add(SYNC + 2 + head, 1, sem="acq_rel")
+        arrived = tl.atomic_add(SYNC + 1 + head, 1, sem="acq_rel")
         if arrived == n_chunks - 1:  # the head's last chunk: reduce all of them
             tl.debug_barrier()
             head_part = PART + head64 * n_chunks * (6 * D_PAD)
             stat = head64 * HEAD_DIM + cols
             _reduce_partials(head_part, n_chunks, cols, cmask, n, STATS + stat, plane, D_PAD)
             if V_STATS:
-                _reduce_partials(head_part + 3 * D_PAD, n_chunks, cols, cmask, n, STATS + 3 * plane + stat, plane, D_PAD)
+                _reduce_partials(
+                    head_part + 3 * D_PAD, n_chunks, cols, cmask, n, STATS + 3 * plane + stat, plane, D_PAD
+                )
             tl.debug_barrier()
-            tl.atomic_add(SYNC + 2 + head, 1, sem="release")  # n_chunks + 1: the statistics are ready
+            tl.atomic_add(SYNC + 1 + head, 1, sem="release")  # n_chunks + 1: the statistics are ready
 
     # ---- quantization of chunk c of head h - lag ----
     qhead = head - lag
     if qhead >= 0:
-        while tl.load(SYNC + 2 + qhead, volatile=True) <= n_chunks:
+        while tl.load(SYNC + 1 + qhead, volatile=True) <= n_chunks:
             pass
-        tl.atomic_add(SYNC + 2 + qhead, 0, sem="acquire")
+        tl.atomic_add(SYNC + 1 + qhead, 0, sem="acquire")
         tl.debug_barrier()
         seq, h = qhead // H, qhead % H
         b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN)
@@ -263,11 +264,3 @@ def preprocess_kv_kernel(
                 _quantize_v(v, first, local, mask, cmask, b64, h64, stat, STATS + 3 * plane, STATS + 4 * plane,
                             STATS + 5 * plane, VQ, stride_ob, stride_oh, stride_on, stride_od, cols,
                             V_MODE, SMOOTH_V, V_RANGE, EXACT_CASTS)  # fmt: skip
-
-    # ---- the last program to finish leaves SYNC zeroed for the next launch ----
-    tl.debug_barrier()
-    finished = tl.atomic_add(SYNC + 1, 1, sem="acq_rel")
-    if finished == tl.num_programs(0) - 1:
-        for i in range(0, n_heads + 2, 1024):
-            idx = i + tl.arange(0, 1024)
-            tl.store(SYNC + idx, tl.zeros((1024,), tl.int32), mask=idx < n_heads + 2)

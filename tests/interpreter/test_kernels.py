@@ -216,8 +216,7 @@ def test_smooth_q_with_two_query_blocks_per_tile(monkeypatch):
 @pytest.mark.parametrize("varlen", [False, True])
 def test_preprocessing_in_chunks_of_several_blocks(monkeypatch, varlen):
     """Long sequences are split into at most MAX_CHUNKS chunks of several 64-key blocks each; with
-    MAX_CHUNKS = 2 short inputs take that path. Statistics and quantized K/V must not change, and the
-    synchronization counters must be left zeroed for the next launch."""
+    MAX_CHUNKS = 2 short inputs take that path. Statistics and quantized K/V must not change."""
     from quantattn.kernels import launch
 
     k, v = (make(s, 1, 2, 300, 64, outliers=True) for s in (40, 41))
@@ -235,8 +234,6 @@ def test_preprocessing_in_chunks_of_several_blocks(monkeypatch, varlen):
     assert torch.equal(whole.k, chunked.k)
     assert torch.equal(whole.k_scale, chunked.k_scale)
     assert torch.equal(whole.v[..., :300].float(), chunked.v[..., :300].float())
-    sync = launch.sync_workspace(k.device, 8)
-    assert not sync.any(), "preprocess_kv_kernel left its counters dirty"
     # the statistics are what the reference computes: per sequence, over its own tokens
     for s, (lo, hi) in enumerate(((0, 70), (70, 300)) if varlen else ((0, 300),)):
         kk = k[0, :, lo:hi].float() if varlen else k[0].float()
