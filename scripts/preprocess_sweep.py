@@ -20,7 +20,9 @@ def gpu_ms(fn, reps=50):
 
 
 cfg = QuantConfig()
-print(f"{'N':>6} {'copy K,V ms':>12} {'max_chunks':>10} {'lag_chunks':>10} {'warps':>5} {'preprocess ms':>14} {'GB/s (r+w)':>11}")
+print(
+    f"{'N':>6} {'copy K,V ms':>12} {'max_chunks':>10} {'lag_chunks':>10} {'warps':>5} {'preprocess ms':>14} {'GB/s (r+w)':>11}"
+)
 for n in (1024, 4096, 16384):
     k, v = (torch.randn(4, 32, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     kc, vc = torch.empty_like(k), torch.empty_like(v)
