@@ -1,4 +1,8 @@
-"""Launchers: buffers, grids and constexpr flags for the Triton kernels. No numerics live here."""
+"""Launchers: buffers, grids and constexpr flags for the Triton kernels. No numerics live here.
+
+quantattn/memory.py states the bytes these launchers allocate per call (preprocess_kv, token_stats,
+_smooth_q_terms, sequences): a buffer added or resized here must change there too (a GPU test holds the
+allocator's peak to it)."""
 
 from __future__ import annotations
 
