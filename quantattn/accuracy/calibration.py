@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import warnings
 from collections import Counter
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from quantattn.accuracy.hooks import CallSites, call_sdpa, intercepted_sdpa, why_not_quantizable
-from quantattn.accuracy.inspector import InspectionReport, inspect_attention
+from quantattn.accuracy.inspector import InspectionReport, inspect_attention, read_document, write_document
 from quantattn.accuracy.speeds import FULL_PRECISION, SPEEDS, SPEEDS_SOURCE
 from quantattn.api import sageattn
 from quantattn.config import QuantConfig
@@ -118,16 +117,11 @@ class Plan:
         }
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        return write_document(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> Plan:
-        d = json.loads(Path(path).read_text())
-        if d.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a quantattn plan ({FORMAT})")
+        d = read_document(path, FORMAT, "plan")
         layers = {key: LayerChoice.from_dict(c) for key, c in d["layers"].items()}
         return cls(layers, d["tolerance"], d.get("metric", "rel_l1"), d.get("default", FULL_PRECISION),
                    d.get("speeds", {}), d.get("metadata", {}))  # fmt: skip

@@ -35,6 +35,24 @@ from quantattn.reference import attention_fp64
 
 ERROR_METRICS = ("cosine", "rel_l1", "max_abs")
 FORMAT = "quantattn-attention-report/1"
+
+
+def write_document(path, doc: dict) -> Path:
+    """A report or plan as indented JSON, its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def read_document(path, fmt: str, what: str) -> dict:
+    """A JSON document written by write_document, refused unless its "format" is `fmt`."""
+    d = json.loads(Path(path).read_text())
+    if d.get("format") != fmt:
+        raise ValueError(f"{path}: not a quantattn {what} ({fmt})")
+    return d
+
+
 # Warnings: statistic, threshold, message. Thresholds are where the ablations and the guard tests of
 # docs/accuracy.md saw the error grow.
 K_CHANNEL_OUTLIER = 3.0  # max |mean_c K| / rms(K - mean): smooth K matters (it is on in every variant)
@@ -186,16 +204,11 @@ class InspectionReport:
         }
 
     def to_json(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        return write_document(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path) -> InspectionReport:
-        d = json.loads(Path(path).read_text())
-        if d.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a quantattn attention report ({FORMAT})")
+        d = read_document(path, FORMAT, "attention report")
         layers = {r["key"]: LayerRecord.from_dict(r) for r in d["layers"]}
         cands = {n: QuantConfig(**c) for n, c in d["candidates"].items()}
         return cls(layers, cands, d.get("metadata", {}))
