@@ -16,6 +16,7 @@ import torch
 import quantattn
 from quantattn.accuracy.ablation import ABLATION_GROUPS, ABLATIONS, Shape, ablation_rows, format_summary, format_tables
 from quantattn.accuracy.ablation import groups_of_variants as _variants_group
+from quantattn.bench.cases import parse_seq_len
 
 GPU_DEFAULTS = {"head_dims": (64, 128), "seq_lens": (1024, 4096, 16384), "batch": 1, "heads": 8}
 # the reference's tiled loop is slow on a CPU: shorter sequences and fewer heads (~2 minutes on 2 cores)
@@ -23,11 +24,11 @@ CPU_DEFAULTS = {"head_dims": (64, 128), "seq_lens": (256, 1024), "batch": 1, "he
 
 
 def _length(text: str) -> int:
-    t = text.strip().upper()
-    n = int(float(t[:-1]) * 1024) if t.endswith("K") else int(t)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"a length must be positive, got {text!r}")
-    return n
+    """A sequence length as the benchmark reads it: 4096 or 4K."""
+    try:
+        return parse_seq_len(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parser() -> argparse.ArgumentParser:
