@@ -301,3 +301,17 @@ def poisoned_allocations():
 def poison_empty():
     with poisoned_allocations():
         yield
+
+
+@pytest.fixture
+def fresh_integrations():
+    """Dynamo's caches, quantattn.sdpa's fallback counts and any patch left by a failed test cleared
+    before and after a test, so that compiled graphs and patches do not leak between tests."""
+    from quantattn.integrations import torch_sdpa
+
+    torch._dynamo.reset()
+    torch_sdpa.reset_fallbacks()
+    yield
+    while torch_sdpa._routes:
+        torch_sdpa.unpatch()
+    torch._dynamo.reset()

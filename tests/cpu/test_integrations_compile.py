@@ -14,15 +14,7 @@ from quantattn import ops
 from quantattn.config import QuantConfig
 from quantattn.integrations import torch_sdpa as S
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    S.reset_fallbacks()
-    yield
-    while S._routes:
-        S.unpatch()
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_integrations")
 
 
 def qkv(seed, b=1, hq=4, hkv=2, n=48, d=32, dtype=torch.bfloat16):

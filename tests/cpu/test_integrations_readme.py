@@ -20,6 +20,8 @@ from quantattn.integrations import torch_sdpa as S
 README = Path(__file__).resolve().parents[2] / "README.md"
 HAS_GPU = torch.cuda.is_available()
 
+pytestmark = pytest.mark.usefixtures("fresh_integrations")
+
 
 def examples() -> dict[str, str]:
     """The python blocks of the two sections, named by the bold lead-in before each (or the section)."""
@@ -48,16 +50,6 @@ def on_this_machine(code: str) -> str:
 def run(code: str, **namespace):
     exec(compile(on_this_machine(code), str(README), "exec"), namespace)  # noqa: S102
     return namespace
-
-
-@pytest.fixture(autouse=True)
-def clean():
-    torch._dynamo.reset()
-    S.reset_fallbacks()
-    yield
-    while S._routes:
-        S.unpatch()
-    torch._dynamo.reset()
 
 
 def test_the_sections_have_the_examples():

@@ -20,6 +20,7 @@ from quantattn.integrations import torch_sdpa as S
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.usefixtures("fresh_integrations"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
 ]
 
@@ -43,16 +44,6 @@ def qkv(seed, b=2, hq=8, hkv=2, n=1000, d=128, dtype=torch.bfloat16):
 def rel_l1(a, b):
     a, b = a.double(), b.double()
     return ((a - b).abs().sum() / b.abs().sum()).item()
-
-
-@pytest.fixture(autouse=True)
-def clean():
-    torch._dynamo.reset()
-    S.reset_fallbacks()
-    yield
-    while S._routes:
-        S.unpatch()
-    torch._dynamo.reset()
 
 
 # ---- torch.compile ------------------------------------------------------------------------------
