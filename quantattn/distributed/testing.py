@@ -12,6 +12,7 @@ import datetime
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import queue
 import shutil
@@ -23,6 +24,11 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import quantattn
+from quantattn.distributed.merge import merge_into_
+from quantattn.distributed.ring import plan_step
+from quantattn.distributed.sharding import shard_sequence, unshard_sequence
 
 
 def _function_ref(fn) -> tuple[str, str, str]:
@@ -161,3 +167,27 @@ class LocalGroup:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def simulated_ring(q, k, v, world: int, causal: bool, **options):
+    """Ring attention's per-block quantattn.sageattn calls and lse merges for every rank of a zig-zag
+    ring of `world` ranks, in one process, from the whole sequences ([B, H, N, d]): what the ring
+    computes, without the communication. Returns the whole output (q's dtype) and the float32 lse."""
+    shards = [[shard_sequence(t, r, world, dim=2, zigzag=True) for t in (q, k, v)] for r in range(world)]
+    outs, lses = [], []
+    for rank in range(world):
+        qr = shards[rank][0]
+        acc = torch.zeros(qr.shape, dtype=torch.float32, device=q.device)
+        acc_lse = torch.full(qr.shape[:-1], -math.inf, device=q.device)
+        for step in range(world):
+            source = (rank - step) % world
+            plan = plan_step(rank, source, qr.shape[2], causal, True)
+            if plan is None:
+                continue
+            rows, keys = slice(plan.q_start, plan.q_end), slice(plan.k_start, plan.k_end)
+            o, l = quantattn.sageattn(qr[:, :, rows], shards[source][1][:, :, keys], shards[source][2][:, :, keys],
+                                      is_causal=plan.causal, return_lse=True, **options)  # fmt: skip
+            merge_into_(acc[:, :, rows], acc_lse[:, :, rows], o, l)
+        outs.append(acc.to(q.dtype))
+        lses.append(acc_lse)
+    return unshard_sequence(outs, dim=2, zigzag=True), unshard_sequence(lses, dim=2, zigzag=True)

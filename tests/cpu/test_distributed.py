@@ -37,9 +37,8 @@ from quantattn.distributed import (
     usp_attention,
     usp_groups,
 )
-from quantattn.distributed.merge import merge_into_
 from quantattn.distributed.ring import plan_step
-from quantattn.distributed.testing import LocalGroup
+from quantattn.distributed.testing import LocalGroup, simulated_ring
 from quantattn.reference import attention_fp64
 
 RING_VS_SINGLE = 1.2
@@ -133,28 +132,6 @@ def task_ring_exact(world, layout, causal, zigzag, hq=4, hkv=None, nk=None, usp=
     return float((got - want).abs().max()), float((got_lse - want_lse).abs().max())
 
 
-def simulated_ring(q, k, v, world, causal, cfg):
-    """Ring attention's per-block calls and merges for every rank, in one process, from the shards."""
-    shards = [[shard_sequence(t, r, world, dim=2, zigzag=True) for t in (q, k, v)] for r in range(world)]
-    outs, lses = [], []
-    for rank in range(world):
-        qr = shards[rank][0]
-        acc = torch.zeros(qr.shape, dtype=torch.float32)
-        acc_lse = torch.full(qr.shape[:-1], -math.inf)
-        for step in range(world):
-            source = (rank - step) % world
-            plan = plan_step(rank, source, qr.shape[2], causal, True)
-            if plan is None:
-                continue
-            rows, keys = slice(plan.q_start, plan.q_end), slice(plan.k_start, plan.k_end)
-            o, l = quantattn.sageattn(qr[:, :, rows], shards[source][1][:, :, keys], shards[source][2][:, :, keys],
-                                      is_causal=plan.causal, return_lse=True, config=cfg)  # fmt: skip
-            merge_into_(acc[:, :, rows], acc_lse[:, :, rows], o, l)
-        outs.append(acc.to(q.dtype))
-        lses.append(acc_lse)
-    return unshard_sequence(outs, dim=2, zigzag=True), unshard_sequence(lses, dim=2, zigzag=True)
-
-
 def task_ring_quantized(world, causal, variant, dtype, hq=4, hkv=None):
     group = _groups[world]
     q, k, v = inputs(13, hq, hkv, 128, d=64, dtype=dtype, k_bias=4.0)
@@ -165,7 +142,7 @@ def task_ring_quantized(world, causal, variant, dtype, hq=4, hkv=None):
         gather_sequence(out, dim=2, group=group, zigzag=True),
         gather_sequence(lse, dim=2, group=group, zigzag=True),
     )
-    sim, sim_lse = simulated_ring(q, k, v, world, causal, cfg)
+    sim, sim_lse = simulated_ring(q, k, v, world, causal, config=cfg)
     truth, true_lse = attention_fp64(q, k, v, causal, None, True)
     single, single_lse = quantattn.sageattn(q, k, v, is_causal=causal, return_lse=True, config=cfg)
     bound = RING_VS_SINGLE * rel_l1(single, truth) + 2 * rel_l1(truth.to(dtype), truth)

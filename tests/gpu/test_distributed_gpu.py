@@ -10,7 +10,6 @@ the FP64 output; with float64 local attention the ring is exact to 1e-12.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -26,13 +25,10 @@ from quantattn.distributed import (  # noqa: E402
     ring_attention,
     shard_sequence,
     ulysses_attention,
-    unshard_sequence,
     usp_attention,
     usp_groups,
 )
-from quantattn.distributed.merge import merge_into_  # noqa: E402
-from quantattn.distributed.ring import plan_step  # noqa: E402
-from quantattn.distributed.testing import LocalGroup  # noqa: E402
+from quantattn.distributed.testing import LocalGroup, simulated_ring  # noqa: E402
 from quantattn.reference import attention_fp64  # noqa: E402
 
 pytestmark = [
@@ -201,23 +197,7 @@ def test_mismatched_shards_fail_on_both_gpus(nccl_pair):
 def test_ring_blocks_with_kernels_in_one_process(world, causal):
     """Ring attention's per-block kernel calls (with the kernels' lse) merged as the ring merges them."""
     q, k, v = inputs(6, 8, 2)
-    shards = [[shard_sequence(t, r, world, dim=2, zigzag=True) for t in (q, k, v)] for r in range(world)]
-    outs = []
-    for rank in range(world):
-        qr = shards[rank][0]
-        acc = torch.zeros(qr.shape, dtype=torch.float32, device=q.device)
-        acc_lse = torch.full(qr.shape[:-1], -math.inf, device=q.device)
-        for step in range(world):
-            source = (rank - step) % world
-            plan = plan_step(rank, source, qr.shape[2], causal, True)
-            if plan is None:
-                continue
-            rows, keys = slice(plan.q_start, plan.q_end), slice(plan.k_start, plan.k_end)
-            o, l = quantattn.sageattn(qr[:, :, rows], shards[source][1][:, :, keys], shards[source][2][:, :, keys],
-                                      is_causal=plan.causal, return_lse=True)  # fmt: skip
-            merge_into_(acc[:, :, rows], acc_lse[:, :, rows], o, l)
-        outs.append(acc.to(q.dtype))
-    got = unshard_sequence(outs, dim=2, zigzag=True)
+    got, _ = simulated_ring(q, k, v, world, causal)
     truth, bound = ring_bound(q, k, v, causal)
     assert rel_l1(got, truth) <= bound
 
