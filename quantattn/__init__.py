@@ -14,11 +14,13 @@ from quantattn.api import (
 )
 from quantattn.config import VARIANTS, QuantConfig
 from quantattn.integrations.torch_sdpa import attach, patch, patched, sdpa, unpatch
+from quantattn.kvcache import QuantizedKVCache, sageattn_decode
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantConfig",
+    "QuantizedKVCache",
     "VARIANTS",
     "attach",
     "calibrate",
@@ -28,6 +30,7 @@ __all__ = [
     "patch",
     "patched",
     "sageattn",
+    "sageattn_decode",
     "sageattn_qk_int8_pv_fp16_cuda",
     "sageattn_qk_int8_pv_fp16_triton",
     "sageattn_qk_int8_pv_fp8_cuda",

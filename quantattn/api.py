@@ -90,22 +90,31 @@ def sageattn(
     sm_scale: float | None = None,
     return_lse: bool = False,
     *,
+    attn_mask: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
     config: QuantConfig | None = None,
     backend: str = "auto",
     **options,
 ):
-    """Quantized attention softmax(sm_scale * q k^T) v, a drop-in for the official `sageattn`.
+    """Quantized attention softmax(sm_scale * q k^T + mask) v, a drop-in for the official `sageattn`.
 
     q: [B, Hq, Nq, d] ("HND") or [B, Nq, Hq, d] ("NHD"); k, v: [B, Hkv, Nk, d] likewise, with Hq a
     multiple of Hkv (grouped-query attention). float16 or bfloat16; head_dim 1..256. Causal masking is
     bottom-right aligned when Nq != Nk (query i sees keys j <= i + Nk - Nq; rows that see no key give 0).
     Options: qk_quant_dtype ("int8", "int4"), qk_quant_gran, pv_dtype ("fp8", "fp16", "bf16"),
     pv_accum_dtype, smooth_k, smooth_q, smooth_v, or a whole `config`; backend "auto", "triton", "reference".
+    attn_mask: SDPA's forms, always [B, Hq, Nq, Nk] order (whatever the layout) or broadcastable to it:
+    bool (True attends) or float16/bfloat16/float32 added to the scores; combined with is_causal when both
+    are given. key_lengths: int tensor [B], batch entry b attends to its first key_lengths[b] keys only
+    (values clamped to [0, Nk]); the padding keys are skipped block by block and left out of the smoothing
+    and the scales, as if absent. Query rows that see no key output zeros (SDPA gives NaN or zeros).
     Returns the output in q's layout and dtype, and with return_lse the float32 natural-log logsumexp
     [B, Hq, Nq] of the full-precision-equivalent scores.
     """
     if torch.compiler.is_compiling():  # one opaque custom op for Dynamo; eager calls skip the dispatcher
-        return ops.sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend, options)
+        return ops.sageattn(
+            q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend, options, attn_mask, key_lengths
+        )
     V.check_layout(tensor_layout)
     V.check_qkv(q, k, v, 4, "[B, H, N, d] for 'HND', [B, N, H, d] for 'NHD'")
     for name, value in (("is_causal", is_causal), ("return_lse", return_lse)):
@@ -116,10 +125,22 @@ def sageattn(
     V.check_heads_and_dims(qh.shape, kh.shape, vh.shape)
     cfg = resolve_config(q.device, config, options)
     b, hq, nq, d = qh.shape
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        from quantattn.autograd import sageattn_with_grad  # quantized forward, exact-attention gradient
+
+        return sageattn_with_grad(
+            q, k, v, tensor_layout, is_causal, sm_scale, return_lse, cfg, backend, attn_mask, key_lengths
+        )
+    if attn_mask is not None:
+        attn_mask = V.check_attn_mask(attn_mask, q, (b, hq, nq, kh.shape[2]))
+    if key_lengths is not None:
+        key_lengths = V.check_key_lengths(key_lengths, q, b)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device) if return_lse else None
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
-    call = AttentionCall(qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse)
+    call = AttentionCall(
+        qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse, attn_mask=attn_mask, key_lengths=key_lengths
+    )
     _run(call, backend)
     return (out, lse) if return_lse else out
 
@@ -167,6 +188,10 @@ def sageattn_varlen(
     V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel() - 1, max_seqlen_k, "max_seqlen_k")
     cfg = resolve_config(q.device, config, options)
     hq, total_q, d = qh.shape[1:]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        from quantattn.autograd import VARLEN_ERROR
+
+        raise NotImplementedError(VARLEN_ERROR)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(1, hq, total_q, dtype=torch.float32, device=q.device) if return_lse else None
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)

@@ -55,7 +55,8 @@ class QuantConfig:
         "per_thread", "per_token"; see docs/numerics.md).
     pv_dtype: "fp8" (SageAttention2), "fp16" or "bf16" (SageAttention).
     pv_accum: accumulator of the PV product (see PV_ACCUMS).
-    smooth_k / smooth_q / smooth_v: subtract the token mean of K, the block mean of Q, the token mean of V.
+    smooth_k / smooth_q / smooth_v: subtract the trimmed token mean of K (docs/numerics.md), the block mean
+    of Q, the token mean of V.
     """
 
     qk_dtype: str = "int8"

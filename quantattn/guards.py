@@ -87,10 +87,17 @@ def split(call: AttentionCall) -> tuple[AttentionCall, ...]:
             part = dataclasses.replace(call, cu_seqlens_q=call.cu_seqlens_q[s : e + 1],
                                        cu_seqlens_k=call.cu_seqlens_k[s : e + 1])  # fmt: skip
         else:
-            lse = call.lse[s:e] if call.lse is not None else None
-            part = dataclasses.replace(call, q=call.q[s:e], k=call.k[s:e], v=call.v[s:e], out=call.out[s:e], lse=lse)
+            rows = slice(s, e)
+            part = dataclasses.replace(
+                call, q=call.q[rows], k=call.k[rows], v=call.v[rows], out=call.out[rows],
+                **{name: _rows(getattr(call, name), rows) for name in ("lse", "attn_mask", "key_lengths")},
+            )  # fmt: skip
         parts.append(part)
     return tuple(parts)
+
+
+def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return t[rows] if t is not None else None
 
 
 __all__ = ["MAX_GRID_Y", "ROUTES", "Route", "explain", "route", "routed_config", "split"]

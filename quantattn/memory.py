@@ -78,7 +78,8 @@ def buffers(
     if seqs * hkv and max_len:
         blocks = _cdiv(max_len, L.QUANT_BLOCK)
         per_chunk = 1 << max(_cdiv(blocks, L.MAX_CHUNKS) - 1, 0).bit_length()
-        sizes["partials"] = _block(seqs * hkv * _cdiv(blocks, per_chunk) * 6 * L.head_dim_pad(d) * FLOAT32)
+        rows = L.PARTIAL_ROWS.value  # sums, maxima, minima of K and V, K's finite counts
+        sizes["partials"] = _block(seqs * hkv * _cdiv(blocks, per_chunk) * rows * L.head_dim_pad(d) * FLOAT32)
         sizes["sync"] = _block((seqs * hkv + 1) * INT32)  # the ticket and per-head arrival counters
     if varlen:
         sizes["offsets"] = 2 * _block((seqs + 1) * INT32)  # sequences(): cu_seqlens as int32 (q's and k's)

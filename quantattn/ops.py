@@ -31,7 +31,7 @@ _CHOICES_SCHEMA = ", ".join(
     [f"{_FIELD_TYPES[f]}? config_{f}" for f in FIELDS] + [f"{_FIELD_TYPES[f]}? {f}" for f in FIELDS]
 )
 _TAIL = f"bool is_causal, float? sm_scale, bool return_lse, str backend, {_CHOICES_SCHEMA}) -> (Tensor, Tensor)"
-DENSE_SCHEMA = f"(Tensor q, Tensor k, Tensor v, str tensor_layout, {_TAIL}"
+DENSE_SCHEMA = f"(Tensor q, Tensor k, Tensor v, str tensor_layout, Tensor? attn_mask, Tensor? key_lengths, {_TAIL}"
 VARLEN_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
     f"SymInt max_seqlen_k, {_TAIL}"
@@ -66,11 +66,14 @@ def unflatten_choices(choices) -> tuple[QuantConfig | None, dict]:
     return config, options
 
 
-def sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend, options):
+def sageattn(
+    q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend, options, attn_mask=None, key_lengths=None
+):
     """api.sageattn under torch.compile: the same arguments, as one operator call."""
     out, lse = torch.ops.quantattn.sageattn(
-        q, k, v, tensor_layout, is_causal, sm_scale, return_lse, backend, *flatten_choices(config, options)
-    )
+        q, k, v, tensor_layout, attn_mask, key_lengths, is_causal, sm_scale, return_lse, backend,
+        *flatten_choices(config, options),
+    )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
@@ -94,24 +97,31 @@ def _no_lse(q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("quantattn::sageattn", mutates_args=(), schema=DENSE_SCHEMA)
-def _sageattn_op(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, backend, *choices):
+def _sageattn_op(q, k, v, tensor_layout, attn_mask, key_lengths, is_causal, sm_scale, return_lse, backend, *choices):
     config, options = unflatten_choices(choices)
+    masks = dict(attn_mask=attn_mask, key_lengths=key_lengths)
     if return_lse:
         return api.sageattn(
-            q, k, v, tensor_layout, is_causal, sm_scale, True, config=config, backend=backend, **options
+            q, k, v, tensor_layout, is_causal, sm_scale, True, config=config, backend=backend, **masks, **options
         )
-    out = api.sageattn(q, k, v, tensor_layout, is_causal, sm_scale, False, config=config, backend=backend, **options)
+    out = api.sageattn(
+        q, k, v, tensor_layout, is_causal, sm_scale, False, config=config, backend=backend, **masks, **options
+    )
     return out, _no_lse(q)
 
 
 @_sageattn_op.register_fake
-def _sageattn_fake(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, backend, *choices):
+def _sageattn_fake(q, k, v, tensor_layout, attn_mask, key_lengths, is_causal, sm_scale, return_lse, backend, *choices):
     V.check_layout(tensor_layout)
     V.check_qkv(q, k, v, 4, "[B, H, N, d] for 'HND', [B, N, H, d] for 'NHD'")
     V.check_sm_scale(sm_scale)
     to_hnd = (lambda s: s) if tensor_layout == "HND" else (lambda s: (s[0], s[2], s[1], s[3]))
     qs = to_hnd(q.shape)
     V.check_heads_and_dims(qs, to_hnd(k.shape), to_hnd(v.shape))
+    if attn_mask is not None:
+        V.check_attn_mask(attn_mask, q, (*qs[:3], to_hnd(k.shape)[2]))
+    if key_lengths is not None:
+        V.check_key_lengths(key_lengths, q, qs[0])
     config, options = unflatten_choices(choices)
     api.resolve_config(q.device, config, options)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -149,3 +159,9 @@ def _sageattn_varlen_fake(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32) if return_lse else _no_lse(q)
     return out, lse
+
+
+# The dense operator's backward (compiled training): quantattn/autograd.py's exact-attention gradient.
+from quantattn import autograd as _autograd  # noqa: E402
+
+_autograd.register_operator_autograd()

@@ -91,3 +91,40 @@ def check_cu_seqlens(name: str, cu, total: int, batch: int | None, max_seqlen, m
         raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), got {int(host[-1])}")
     if lengths.numel() and int(lengths.max()) > max_seqlen:
         raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence ({int(lengths.max())})")
+
+
+MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_attn_mask(mask, q: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """The mask as a [B, Hq, Nq, Nk] view (broadcast dims of stride 0): SDPA's forms, bool (True
+    attends) or float (added to the scores), broadcastable to `shape`."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype not in MASK_DTYPES:
+        raise TypeError(f"attn_mask must be bool (True attends) or float16/bfloat16/float32 (added), got {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"attn_mask must be on q's device ({q.device}), got {mask.device}")
+    if mask.dim() > 4:
+        raise ValueError(f"attn_mask must broadcast to [B, Hq, Nq, Nk] = {list(shape)}, got shape {tuple(mask.shape)}")
+    try:
+        return mask.expand(shape)
+    except RuntimeError:
+        raise ValueError(
+            f"attn_mask must broadcast to [B, Hq, Nq, Nk] = {list(shape)}, got shape {tuple(mask.shape)}"
+        ) from None
+
+
+def check_key_lengths(lengths, q: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-batch numbers of valid keys as int32 [B] (values are clamped to [0, Nk] by the kernels: reading
+    them here would synchronize with the GPU)."""
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"key_lengths must be a torch.Tensor or None, got {type(lengths).__name__}")
+    if lengths.dtype not in (torch.int32, torch.int64) or lengths.shape != (batch,):
+        raise ValueError(
+            f"key_lengths must be an int32 or int64 tensor of shape [B] = [{batch}], got {lengths.dtype} of shape "
+            f"{tuple(lengths.shape)}"
+        )
+    if lengths.device != q.device:
+        raise ValueError(f"key_lengths must be on q's device ({q.device}), got {lengths.device}")
+    return lengths.to(torch.int32).contiguous()

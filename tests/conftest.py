@@ -30,7 +30,14 @@ import torch
 
 from quantattn import config as C
 from quantattn.config import QuantConfig
-from quantattn.reference import attention_fp64, quantize_int, quantize_v_fp8, round_to_fp8_e4m3, row_group_amax
+from quantattn.reference import (
+    attention_fp64,
+    quantize_int,
+    quantize_v_fp8,
+    round_to_fp8_e4m3,
+    row_group_amax,
+    smoothing_vector_k,
+)
 
 # The API warns once per process when CPU tensors run the slow reference. A filterwarnings mark has the
 # last word over -W / ini filters; ':' separates a filter's fields, so '.' stands for the message's colon.
@@ -155,10 +162,11 @@ def exact_scores(q, k, is_causal=False, sm_scale=None):
 def fake_quant_attention(q, k, v, cfg: QuantConfig, is_causal=False, sm_scale=None):
     """Untiled float64 attention with the config's quantization and nothing else.
 
-    Q and K are smoothed and quantized in the config's groups (the reference's own primitives), the
-    smooth-Q correction is added exactly, the softmax is one float64 pass over the full row, P is
-    rounded to the PV precision after dividing by the row's global maximum (FP8: times the static
-    scale), V is rounded per channel, and the product is float64. No tiling, no accumulator rounding.
+    Q and K are smoothed and quantized in the config's groups (the reference's own primitives; smooth K
+    subtracts the kernels' vector, the trimmed token mean, here in float64), the smooth-Q correction is
+    added exactly, the softmax is one float64 pass over the full row, P is rounded to the PV precision
+    after dividing by the row's global maximum (FP8: times the static scale), V is rounded per channel,
+    and the product is float64. No tiling, no accumulator rounding.
     Returns (output float64 [B, Hq, Nq, d], the dequantized scores in full-precision units [B, Hq, Nq, Nk]).
     """
     d = q.shape[-1]
@@ -166,7 +174,7 @@ def fake_quant_attention(q, k, v, cfg: QuantConfig, is_causal=False, sm_scale=No
     group = q.shape[1] // k.shape[1]
     q64, k64, v64 = (t.double() for t in (q, k, v))
     no_mean = k64.new_zeros(*k64.shape[:-2], 1, d)
-    k_mean = k64.mean(-2, keepdim=True) if cfg.smooth_k and k.shape[-2] else no_mean
+    k_mean = smoothing_vector_k(k64)[..., None, :] if cfg.smooth_k else no_mean
     k_s = k64 - k_mean
     kq, kscale = quantize_int(k_s, row_group_amax(k_s, cfg.qk_granularity, "k"), cfg.qmax)
     k_hat = (kq.double() * kscale.double()[..., None]).repeat_interleave(group, 1)
@@ -254,8 +262,8 @@ def lse_bound(q, k, v, cfg, is_causal=False, sm_scale=None) -> float:
     score error: take twice the baseline's largest score error. Where quantization happens to be
     lossless (one key with smooth K, head_dim 1 per token) that is 0, so add the float32 forward error
     of the reference's own arithmetic: a few roundings at the scale of the scores and the lse, a sum of
-    at most Nk terms in [0, 1] (relative error <= Nk eps), and smooth K's shift sm_scale * q.mean(K)
-    summed over d channels (error <= d eps sum|q_c mean_c|)."""
+    at most Nk terms in [0, 1] (relative error <= Nk eps), and smooth K's shift sm_scale * q.kbar
+    summed over d channels (error <= d eps sum|q_c kbar_c|, kbar smooth K's vector)."""
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     _, scores = fake_quant_attention(q, k, v, cfg, is_causal, sm_scale)
     exact = exact_scores(q, k, is_causal, sm_scale)
@@ -264,7 +272,7 @@ def lse_bound(q, k, v, cfg, is_causal=False, sm_scale=None) -> float:
         return 0.0
     score_err = float((scores - exact)[visible].abs().max())
     big = float(exact[visible].abs().max() + torch.logsumexp(exact, -1)[visible.any(-1)].abs().max())
-    k_mean = k.double().mean(-2, keepdim=True).repeat_interleave(q.shape[1] // k.shape[1], 1)
+    k_mean = smoothing_vector_k(k.double())[..., None, :].repeat_interleave(q.shape[1] // k.shape[1], 1)
     shift = float((q.double().abs() @ k_mean.abs().transpose(-1, -2)).max()) * abs(sm_scale)
     eps = torch.finfo(torch.float32).eps
     return 2 * score_err + eps * (4 * big + k.shape[-2] + q.shape[-1] * shift)

@@ -9,7 +9,7 @@ candidates by measured speed (quantattn.accuracy.speeds: the H100 table by defau
 others) and keeps the first whose worst error over the calibration inputs is within the tolerance.
 "sdpa" (torch's SDPA in the input dtype, full precision) is a candidate like the others where it is
 faster, and where no quantized variant meets the tolerance, and always for calls quantattn cannot take
-with SDPA's meaning (masks, dropout, ...). The plan is a JSON file; `Plan.apply(model)` makes the model's
+with SDPA's meaning (dropout, float32, ...). The plan is a JSON file; `Plan.apply(model)` makes the model's
 SDPA calls run their chosen variant while the model runs, and returns a handle whose `remove()` undoes it.
 """
 
@@ -218,7 +218,9 @@ class AppliedPlan:
         backend = "reference" if query.device.type == "cpu" else "auto"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="quantattn: CPU tensors")
-            return sageattn(query, key, value, "HND", is_causal, scale, config=cfg, backend=backend)
+            return sageattn(
+                query, key, value, "HND", is_causal, scale, attn_mask=attn_mask, config=cfg, backend=backend
+            )
 
     def remove(self) -> None:
         for h in self._hooks:

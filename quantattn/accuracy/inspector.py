@@ -9,8 +9,8 @@ The model runs in full precision while it is inspected (torch's SDPA gives every
 call sees the activations it would see without quantattn, and its error is its own, not the sum of the
 layers before it. Per call it records, besides the candidates' errors (cosine, relative L1, max abs), the
 statistics that predict trouble: K's channel-mean outliers (what smooth K removes), token outliers in K
-(a key much larger than the rest makes the token mean a poor centre), max |Q|, |K|, |V|, the lengths, and
-warnings derived from them. Calls quantattn cannot take with SDPA's meaning (a mask, dropout, float32,
+(several keys much larger than the rest make smooth K's trimmed mean a poor centre), max |Q|, |K|, |V|,
+the lengths, and warnings derived from them. Calls quantattn cannot take with SDPA's meaning (dropout, float32,
 ...) are recorded with the reason; a plan sends them to torch's SDPA.
 """
 
@@ -56,7 +56,7 @@ def read_document(path, fmt: str, what: str) -> dict:
 # Warnings: statistic, threshold, message. Thresholds are where the ablations and the guard tests of
 # docs/accuracy.md saw the error grow.
 K_CHANNEL_OUTLIER = 3.0  # max |mean_c K| / rms(K - mean): smooth K matters (it is on in every variant)
-K_TOKEN_OUTLIER = 20.0  # largest key / median key (max |.|): the token mean is a poor centre for smooth K
+K_TOKEN_OUTLIER = 20.0  # largest key / median key (max |.|): several such keys skew smooth K's trimmed mean
 FP16_ACC_V = 65504.0 / 64  # an FP16 accumulator of 64 products of P <= 1 overflows beyond this |V|
 # |q| |k| sm_scale: beyond ~1e5 the kernels' fused exponent, exp2(s * q_scale - m) as one FMA against the
 # rounded row maximum m, lets the row's largest P pass 1 by half an ulp of the score (docs/accuracy.md)
@@ -99,7 +99,9 @@ class CallStats:
     def warnings(self) -> list[str]:
         out = []
         if self.k_token_outlier > K_TOKEN_OUTLIER:
-            out.append(f"a key {self.k_token_outlier:.0f}x the median: smooth K's token mean is skewed")
+            out.append(
+                f"a key {self.k_token_outlier:.0f}x the median: smooth K's centre drops one such key per channel, several skew it"
+            )
         if self.max_abs_v > 65504.0:
             out.append("|V| beyond float16: FP16 PV would overflow (bf16 inputs run BF16 PV)")
         elif self.max_abs_v > FP16_ACC_V:
@@ -268,14 +270,14 @@ class Inspector:
         rec.calls += 1
         if reason is not None:
             return
-        truth = attention_fp64(q, k, v, is_causal, scale, chunk=_chunk(q, k))
+        truth = attention_fp64(q, k, v, is_causal, scale, chunk=_chunk(q, k), attn_mask=attn_mask)
         rec.merge_errors(FULL_PRECISION, _errors(out, truth))
         backend = "reference" if q.device.type == "cpu" else self.backend
         for name, cfg in self.candidates.items():
             try:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="quantattn: CPU tensors")
-                    res = sageattn(q, k, v, "HND", is_causal, scale, config=cfg, backend=backend)
+                    res = sageattn(q, k, v, "HND", is_causal, scale, attn_mask=attn_mask, config=cfg, backend=backend)
                 rec.merge_errors(name, _errors(res, truth))
             except Exception as exc:  # a candidate this device cannot run (FP8 below sm_89, ...)
                 rec.merge_errors(name, {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})

@@ -29,6 +29,10 @@ class AttentionCall:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    # dense calls only: bool (True attends) or additive float mask viewed as [B, Hq, Nq, Nk] (broadcast
+    # dims of stride 0), and int32 [B] numbers of valid keys (keys past them are padding)
+    attn_mask: torch.Tensor | None = None
+    key_lengths: torch.Tensor | None = None
 
     @property
     def is_varlen(self) -> bool:
@@ -58,8 +62,11 @@ class ReferenceBackend:
         return []
 
     def forward(self, call: AttentionCall) -> None:
+        if call.key_lengths is not None:
+            self._padded_keys(call)
+            return
         if not call.is_varlen:
-            self._dense(call, call.q, call.k, call.v, call.out, call.lse)
+            self._dense(call, call.q, call.k, call.v, call.out, call.lse, call.attn_mask)
             return
         cq, ck = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
         for i in range(len(cq) - 1):
@@ -67,8 +74,19 @@ class ReferenceBackend:
             lse = call.lse[:, :, rows] if call.lse is not None else None
             self._dense(call, call.q[:, :, rows], call.k[:, :, keys], call.v[:, :, keys], call.out[:, :, rows], lse)
 
+    def _padded_keys(self, call: AttentionCall) -> None:
+        """Each batch entry on its first key_lengths[b] keys (clamped to [0, Nk], as the kernels do),
+        quantized as if the padding were absent; the causal mask stays aligned to the tensors' Nk."""
+        nq, nk = call.q.shape[2], call.k.shape[2]
+        for b, n in enumerate(call.key_lengths.clamp(0, nk).tolist()):
+            rows, keys = slice(b, b + 1), slice(0, n)
+            mask = call.attn_mask[rows, ..., keys] if call.attn_mask is not None else None
+            lse = call.lse[rows] if call.lse is not None else None
+            self._dense(call, call.q[rows], call.k[rows, :, keys], call.v[rows, :, keys], call.out[rows], lse, mask,
+                        causal_shift=nk - nq)  # fmt: skip
+
     @staticmethod
-    def _dense(call, q, k, v, out, lse):
+    def _dense(call, q, k, v, out, lse, attn_mask=None, causal_shift=None):
         if q.shape[2] == 0:
             return
         if k.shape[2] == 0:
@@ -76,7 +94,10 @@ class ReferenceBackend:
             if lse is not None:
                 lse.fill_(float("-inf"))
             return
-        res = sage_attention_reference(q, k, v, call.cfg, call.is_causal, call.sm_scale, lse is not None)
+        res = sage_attention_reference(
+            q, k, v, call.cfg, call.is_causal, call.sm_scale, lse is not None, attn_mask=attn_mask,
+            causal_shift=causal_shift,
+        )  # fmt: skip
         if lse is not None:
             out.copy_(res[0])
             lse.copy_(res[1])

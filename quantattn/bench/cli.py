@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import os
-import platform
-import shlex
 import signal
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +21,7 @@ import torch
 
 from quantattn.bench import cases as C
 from quantattn.bench import report, timing
+from quantattn.bench.environment import positive_arg, run_metadata, seq_len_arg
 from quantattn.bench.impls import ALL_NAMES, build
 from quantattn.bench.runner import BrokenDevice, Runner, Settings
 
@@ -45,20 +42,6 @@ def _implementations(text: str) -> list[str]:
     return names
 
 
-def _seq_len(text: str) -> int:
-    try:
-        return C.parse_seq_len(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m quantattn.bench",
@@ -69,16 +52,16 @@ def parser() -> argparse.ArgumentParser:
         f"timing, {timing.WARMUPS} warm-ups after a compile call, median of >= {timing.MIN_REPEATS} repeats. "
         "--quick: head_dim 128, N 1K 4K 16K, causal off.",
     )
-    p.add_argument("--head-dims", type=_positive, nargs="+", metavar="D", help="head dimensions (default: 64 128)")
+    p.add_argument("--head-dims", type=positive_arg, nargs="+", metavar="D", help="head dimensions (default: 64 128)")
     p.add_argument(
         "--seq-lens",
-        type=_seq_len,
+        type=seq_len_arg,
         nargs="+",
         metavar="N",
         help="sequence lengths, e.g. 1K 4K 4096 (default: 1K 2K 4K 8K 16K 32K)",
     )
-    p.add_argument("--batch", type=_positive, default=C.BATCH, help=f"batch size (default {C.BATCH})")
-    p.add_argument("--heads", type=_positive, default=C.HEADS, help=f"attention heads (default {C.HEADS})")
+    p.add_argument("--batch", type=positive_arg, default=C.BATCH, help=f"batch size (default {C.BATCH})")
+    p.add_argument("--heads", type=positive_arg, default=C.HEADS, help=f"attention heads (default {C.HEADS})")
     p.add_argument("--causal", choices=("off", "on", "both"), help="causal masking (default: both; --quick: off)")
     p.add_argument(
         "--variants", type=_implementations, nargs="+", metavar="NAME",
@@ -98,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repeats",
-        type=_positive,
+        type=positive_arg,
         help=f"least number of timed calls (default {timing.MIN_REPEATS}; short calls get more)",
     )
     p.add_argument(
@@ -108,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--accuracy-seq-len",
-        type=_seq_len,
+        type=seq_len_arg,
         default=C.ACCURACY_SEQ_LEN,
         help="N of the accuracy slice [1, 8, N, d] (default 4K)",
     )
@@ -154,71 +137,12 @@ def chosen_names(args: argparse.Namespace) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def git_state() -> tuple[str | None, bool | None]:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return None, None
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def source_digest() -> str:
-    """SHA-256 of quantattn's Python sources: names the code measured where git is absent (a copied tree)."""
-    package = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
 def collect_metadata(argv: list[str], settings: Settings, tag: str, date: dt.datetime) -> dict:
-    import quantattn
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if settings.device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        device = {
-            "device": props.name,
-            "compute_capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2**30, 1),
-        }
-    else:
-        device = {
-            "device": f"cpu ({platform.processor() or platform.machine()}), benchmark self-test: numbers mean nothing"
-        }
-    commit, dirty = git_state()
+    meta = run_metadata("quantattn.bench", argv, date, on_gpu=settings.device == "cuda")
     return {
-        "date": date.isoformat(timespec="seconds"),
+        **meta,
         "tag": tag,
-        **device,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "python": platform.python_version(),
-        "quantattn": quantattn.__version__,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "source_sha256": source_digest(),
-        "command": shlex.join(["python", "-m", "quantattn.bench", *argv]),
         "argv": [sys.executable, *sys.argv],
-        "cwd": os.getcwd(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "dtype": "bfloat16",
         "layout": "HND",

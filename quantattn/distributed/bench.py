@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -138,33 +137,18 @@ def _measure(settings: dict, n: int, causal: bool, device: torch.device):
 
 
 def _metadata(argv: list[str], settings: dict, worker_env: dict) -> dict:
-    import quantattn
-    from quantattn.bench.cli import git_state, source_digest
+    from quantattn.bench.environment import run_metadata
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if settings["device"] == "cuda":
-        device = {"device": torch.cuda.get_device_name(0), "gpus_visible": torch.cuda.device_count()}
+    on_gpu = settings["device"] == "cuda"
+    meta = run_metadata("quantattn.distributed.bench", argv, dt.datetime.now(), on_gpu=on_gpu)
+    if on_gpu:
+        meta["gpus_visible"] = torch.cuda.device_count()
     else:
-        device = {"device": f"cpu ({platform.machine()}), self-test on gloo: numbers mean nothing"}
-    commit, dirty = git_state()
+        meta["device"] = f"cpu ({platform.machine()}), self-test on gloo: numbers mean nothing"
     return {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        **device,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if settings["device"] == "cuda" else None,
+        **meta,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None,
         "worker_env": worker_env,
-        "quantattn": quantattn.__version__,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "source_sha256": source_digest(),
-        "command": shlex.join(["python", "-m", "quantattn.distributed.bench", *argv]),
         "settings": settings,
         "dtype": "bfloat16" if settings["device"] == "cuda" else "float16",
         "layout": "HND",

@@ -4,7 +4,7 @@ Each of the P ranks keeps its query shard and, at step s, attends the K/V shard 
 r - s; before computing it starts passing that block on to rank r + 1 (torch.distributed point-to-point),
 so the transfer overlaps the computation. Partials merge exactly with their logsumexp (merge.py).
 
-Numerics: each partial is one quantattn call on one K/V block, so smooth K subtracts the block's mean and
+Numerics: each partial is one quantattn call on one K/V block, so smooth K subtracts the block's (trimmed) mean and
 V's FP8 scales are the block's, not the whole sequence's. The merged result is attention of the same
 operands, quantized per block: not bitwise a single call's, as accurate (tests/cpu/test_distributed.py
 bounds it by the single call's own error against FP64 attention). The partial outputs come back in the

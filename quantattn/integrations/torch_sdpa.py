@@ -82,11 +82,17 @@ def why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return "inputs are not 4-D [B, H, N, d]"
     if attn_mask is not None:
-        return "attn_mask is given (the kernels take no mask yet)"
+        reason = _why_not_mask(query, key, attn_mask, is_causal)
+        if reason is not None:
+            return reason
     if dropout_p != 0.0:
         return "dropout_p > 0"
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return "inputs require grad (quantattn has no backward pass)"
+    if (
+        attn_mask is not None
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+    ):
+        return "attn_mask with inputs that require grad (quantattn's backward pass takes no mask yet)"
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in ACCEPTED_DTYPES:
         return f"dtype {query.dtype} (quantattn takes float16 and bfloat16)"
     if query.device.type == "cpu" and cpu == "fallback":
@@ -108,6 +114,27 @@ def why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable
     if is_causal and query.shape[2] != key.shape[2]:
         # SDPA aligns a causal mask top-left, quantattn bottom-right: they agree only when Nq == Nk
         return "is_causal with Nq != Nk (SDPA's top-left alignment)"
+    return None
+
+
+def _why_not_mask(query, key, attn_mask, is_causal) -> str | None:
+    """Masks the kernels take with SDPA's meaning: bool, float32 or the query's dtype, broadcastable to
+    [B, Hq, Nq, Nk], without a gradient to give; the rest (and SDPA's own errors) stay SDPA's."""
+    if not isinstance(attn_mask, torch.Tensor):
+        return "attn_mask is not a tensor"
+    if is_causal:
+        return "attn_mask together with is_causal (SDPA refuses the pair)"
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        return f"attn_mask of dtype {attn_mask.dtype} (SDPA takes bool, float32 or the query's dtype)"
+    if attn_mask.device != query.device:
+        return "attn_mask on another device"
+    if torch.is_grad_enabled() and attn_mask.requires_grad:
+        return "attn_mask requires grad"
+    shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    if attn_mask.dim() > 4 or any(
+        m not in (1, s) for m, s in zip(reversed(attn_mask.shape), reversed(shape), strict=False)
+    ):
+        return "attn_mask does not broadcast to [B, Hq, Nq, Nk]"
     return None
 
 
@@ -152,7 +179,7 @@ def routed_sdpa(route: Route, query, key, value, attn_mask, dropout_p, is_causal
             enable_gqa=enable_gqa,
         )  # fmt: skip
     return sageattn(
-        query, key, value, "HND", is_causal, scale, config=route.config,
+        query, key, value, "HND", is_causal, scale, attn_mask=attn_mask, config=route.config,
         backend="reference" if query.device.type == "cpu" else "auto",
     )  # fmt: skip
 

@@ -8,10 +8,11 @@
 The attention function receives transformers' [B, H, N, d] query/key/value and returns [B, N, H, d],
 as transformers' SDPA function does. The mask function registered with it is transformers' own SDPA
 mask builder: a pure causal mask comes back as None (and becomes `is_causal`, no mask materialized),
-while padding, sliding-window or packed-sequence masks come back as tensors. The kernels take no mask
-yet, so those calls, and every call `quantattn.sdpa` would not quantize (float32, dropout, gradients,
-CPU tensors unless cpu="reference", ...), run transformers' own SDPA attention, counted and said once
-in `quantattn.integrations.fallbacks` like every fallback. Grouped-query attention passes K and V with
+while padding, sliding-window or packed-sequence masks come back as bool tensors, which the kernels
+read block by block (fully masked rows, e.g. left padding, give zeros). Calls `quantattn.sdpa` would
+not quantize (float32, dropout, CPU tensors unless cpu="reference", ...), and position biases,
+softcapping and paged caches, run transformers' own SDPA attention, counted and said once in
+`quantattn.integrations.fallbacks` like every fallback. Grouped-query attention passes K and V with
 their own head count: the kernels read kv head h // (Hq / Hkv) themselves, nothing is repeated.
 """
 
@@ -55,10 +56,8 @@ def _attention_function(name: str, route: S.Route):
     return quantattn_attention
 
 
-def _why_transformers_sdpa(attention_mask, kwargs) -> str | None:
-    """Reasons that only transformers' SDPA function handles (masks, biases, paged caches, softcapping)."""
-    if attention_mask is not None:
-        return "attention mask other than pure causal (padding, sliding window, packing; the kernels take no mask yet)"
+def _why_transformers_sdpa(kwargs) -> str | None:
+    """Reasons that only transformers' SDPA function handles (biases, paged caches, softcapping)."""
     if kwargs.get("position_bias") is not None:
         return "position bias"
     if kwargs.get("softcap") is not None:
@@ -71,13 +70,17 @@ def _why_transformers_sdpa(attention_mask, kwargs) -> str | None:
 def attention_forward(route: S.Route, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       is_causal=None, **kwargs):  # fmt: skip
     """transformers' attention-function contract: [B, H, N, d] in, ([B, N, H, d], None) out."""
-    reason = _why_transformers_sdpa(attention_mask, kwargs)
+    reason = _why_transformers_sdpa(kwargs)
     if reason is not None:
         if S._dynamo_knows_fall_back or not torch.compiler.is_compiling():
             S._fall_back(reason)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)  # fmt: skip
     q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None:  # a padding, sliding-window or packing mask: it holds the causal part too
+        mask = attention_mask[:, :, :, :kv_len]
+        out = S.routed_sdpa(route, query, key, value, mask, dropout, False, scaling, query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # one query attends to every cached key (what SDPA's top-left causal mask gives it, too)
     is_causal = bool(is_causal) and q_len > 1

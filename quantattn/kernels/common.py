@@ -156,3 +156,17 @@ def quantize_rows(x, amax, QMAX: tl.constexpr):
     q = round_half_even(x * inv[:, None])
     q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
     return q.to(tl.int8), amax / QMAX
+
+
+@triton.jit
+def key_block_bounds(m0, causal_shift, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """For the query tile m0 .. m0 + BLOCK_M: (end of the full key blocks no causal mask touches, end of
+    the keys any of its rows sees); row i sees keys j <= i + causal_shift."""
+    full_end = (k_len // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        unmasked_end = tl.minimum(full_end, tl.maximum(m0 + causal_shift + 1, 0) // BLOCK_N * BLOCK_N)
+        end = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_shift, 0), k_len)
+    else:
+        unmasked_end = full_end
+        end = k_len
+    return unmasked_end, end

@@ -16,7 +16,7 @@ from quantattn import config as C
 from quantattn.config import QuantConfig
 from quantattn.kernels import attention as A
 from quantattn.kernels.attention import sage_attention_kernel
-from quantattn.kernels.quant import preprocess_kv_kernel, token_stats_kernel
+from quantattn.kernels.quant import PARTIAL_ROWS, preprocess_kv_kernel, token_stats_kernel
 from quantattn.reference.attention import LOG2E
 
 QUANT_BLOCK = C.K_BLOCK_KEYS  # keys per quantization block (per-thread K groups live in 64 keys)
@@ -54,6 +54,21 @@ def next_power_of_2(n: int) -> int:
 def head_dim_pad(d: int) -> int:
     # plain Python: triton.next_power_of_2 is a JIT function, ~5 us per host call
     return max(32, next_power_of_2(d))
+
+
+MIN_SLAB = 32  # the narrowest channel slab the attention kernel splits off (an INT8 MMA's K is 32)
+
+
+def head_dim_slabs(d: int) -> tuple[int, int]:
+    """(D_PAD, D_TAIL): the attention kernel's channels as one power-of-two slab (D_TAIL = 0), or as the
+    largest power of two below d plus a second one, when two slabs hold fewer padded channels than one
+    (80 -> 64 + 32 instead of 128, 160 -> 128 + 32 instead of 256). QUANTATTN_SPLIT_HEAD_DIM=0 keeps one slab."""
+    padded = head_dim_pad(d)
+    main = padded // 2
+    if d <= main or os.environ.get("QUANTATTN_SPLIT_HEAD_DIM", "1") == "0":
+        return padded, 0
+    tail = max(MIN_SLAB, next_power_of_2(d - main))
+    return (main, tail) if main + tail < padded else (padded, 0)
 
 
 class CachedLaunch:
@@ -123,10 +138,15 @@ class Sequences:
     n_dense: int  # sequence length of a dense call; 0 for varlen
     max_len: int
     cu_seqlens: torch.Tensor | None
+    lengths: torch.Tensor | None = None  # dense calls: int32 [B] valid rows per batch entry (key padding)
 
     @property
     def is_varlen(self) -> bool:
         return self.cu_seqlens is not None
+
+    @property
+    def has_lengths(self) -> bool:
+        return self.lengths is not None
 
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, max, min [S, H, d]
@@ -140,7 +160,7 @@ class QuantizedKV:
     k_scale: torch.Tensor  # float32 [B, Hkv, N] (NaN for keys with a non-finite element)
     v: torch.Tensor  # FP8 [B, Hkv, d, N_pad] / smoothed V in the PV dtype / the caller's V
     v_transposed: bool
-    k_stats: Stats
+    k_stats: Stats  # K's trimmed mean (smooth K's vector: reference.quant.smoothing_vector_k), max, min
     v_stats: Stats
     cfg: QuantConfig
     seqs: Sequences
@@ -166,7 +186,10 @@ def token_stats(seqs: Sequences, x: torch.Tensor, y: torch.Tensor | None = None)
 
 
 def _cu(seqs: Sequences, like: torch.Tensor) -> torch.Tensor:
-    return seqs.cu_seqlens if seqs.cu_seqlens is not None else like
+    """The kernels' cu_seqlens argument: varlen offsets, or per-batch lengths, or a dummy."""
+    if seqs.cu_seqlens is not None:
+        return seqs.cu_seqlens
+    return seqs.lengths if seqs.lengths is not None else like
 
 
 def _check_strides(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +220,7 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
         blocks = cdiv(seqs.max_len, QUANT_BLOCK)
         per_chunk = next_power_of_2(cdiv(blocks, MAX_CHUNKS))  # a power of two: few compiled variants
         n_chunks = cdiv(blocks, per_chunk)
-        partials = torch.empty(heads, n_chunks, 6, d_pad, dtype=torch.float32, device=k.device)
+        partials = torch.empty(heads, n_chunks, PARTIAL_ROWS.value, d_pad, dtype=torch.float32, device=k.device)
         # zeroed per call (a memset, not a kernel): no state between calls, so concurrent streams,
         # CUDA-graph replays and torch.compile's graph pools need no care
         sync = torch.zeros(heads + 1, dtype=torch.int32, device=k.device)
@@ -217,7 +240,7 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
             GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k,
             V_STATS=need_v_stats, V_MODE=v_mode, SMOOTH_V=cfg.smooth_v,
             V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0, EXACT_CASTS=exact_casts(k.device),
-            HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen,
+            HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen, LENGTHS=seqs.has_lengths,
         )  # fmt: skip
         launch_preprocess_kv(((heads + lag) * n_chunks,), args, constexprs, num_warps=PREPROCESS_WARPS, num_stages=1)
     k_stats, v_stats = (tuple(t.unbind(0)) for t in stats.unbind(0))
@@ -225,7 +248,8 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
 
 
 def _smooth_q_terms(q: torch.Tensor, kv: QuantizedKV, k: torch.Tensor, qk_scale: float):
-    """Block means of Q and the score correction mean(Q_block) . (K - mean K), in float32 (dense only)."""
+    """Block means of Q and the score correction mean(Q_block) . (K - k̄), in float32 (dense only); k̄ is
+    smooth K's vector (the trimmed token mean, kv.k_stats[0]), the one the kernel subtracted."""
     b, hq, nq, d = q.shape
     rows = C.Q_BLOCK_ROWS
     nb = cdiv(nq, rows)
@@ -249,11 +273,14 @@ def attention(
     lse: torch.Tensor | None,
     seqs_q: Sequences,
     k: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ):
     """The attention kernel on pre-quantized K/V; writes `out` (HND view) and `lse` ([B, Hq, Nq]).
 
-    `k` (the unquantized K) is needed only for smooth Q's correction term. Returns Triton's compiled
-    kernel handle (its .asm and register counts are what tools inspect)."""
+    `k` (the unquantized K) is needed only for smooth Q's correction term. `attn_mask`: bool (True
+    attends) or float (added to the scores), a view of shape [B, Hq, Nq, Nk] (broadcast dims may have
+    stride 0). Returns Triton's compiled kernel handle (its .asm and register counts are what tools
+    inspect)."""
     cfg = kv.cfg
     q = _check_strides(q)
     b, hq, nq, d = q.shape
@@ -270,8 +297,13 @@ def attention(
     v = kv.v
     v_strides = (v.stride(0), v.stride(1), 1, v.stride(2)) if kv.v_transposed else (*v.stride()[:3], 1)
     lse_args = (lse, lse.stride(0), lse.stride(1)) if lse is not None else (dummy, 0, 0)
-    d_pad = head_dim_pad(d)
-    block_m, num_warps, num_stages = tile_config(d_pad, cfg, q.is_cuda)
+    mask_mode, mask_args = _mask_args(attn_mask, dummy)
+    d_pad, d_tail = head_dim_slabs(d)
+    if not kv.v_transposed and v.dtype != PV_TORCH_DTYPE.get(cfg.pv_dtype, v.dtype):
+        # V converted in the kernel (bf16 V, FP16 PV) with two slabs: Triton 3.6 miscompiles it on sm_90
+        # (compute-sanitizer: out-of-range shared memory access in the PV product), so one padded slab
+        d_pad, d_tail = head_dim_pad(d), 0
+    block_m, num_warps, num_stages = tile_config(d_pad + d_tail, cfg, q.is_cuda)
     block_n = int(os.environ.get("QUANTATTN_BLOCK_N", cfg.kv_block))  # experiments only: changes the numerics
     grid = (cdiv(seqs_q.max_len, block_m), seqs_q.count * hq)
     args = (
@@ -284,18 +316,31 @@ def attention(
         kv.k_stats[0], kv.v_stats[0], kv.v_stats[1], kv.v_stats[2],
         out, out.stride(0), out.stride(1), out.stride(2),
         *lse_args,
+        *mask_args,
         _cu(seqs_q, q), _cu(kv.seqs, q), seqs_q.n_dense, kv.seqs.n_dense, hq, hq // hkv,
         qk_scale, sm_scale,
     )  # fmt: skip
     constexprs = dict(
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=d, D_PAD=d_pad, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
         GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k, SMOOTH_Q=cfg.smooth_q,
         SMOOTH_V=cfg.smooth_v, PV_MODE=PV_MODE[(cfg.pv_dtype, cfg.pv_accum)], P_SCALE=cfg.p_scale,
         V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0,
         PV_DTYPE=_triton_dtype(cfg), EXACT_CASTS=exact_casts(q.device),
         IS_CAUSAL=is_causal, IS_VARLEN=seqs_q.is_varlen, RETURN_LSE=lse is not None,
+        MASK_MODE=mask_mode, KEY_LENGTHS=kv.seqs.has_lengths,
     )  # fmt: skip
     return launch_attention(grid, args, constexprs, num_warps, num_stages)
+
+
+def _mask_args(attn_mask: torch.Tensor | None, dummy: torch.Tensor) -> tuple[int, tuple]:
+    """(MASK_MODE, the mask's pointer and strides); a bool mask is read as its bytes."""
+    if attn_mask is None:
+        return A.MASK_NONE.value, (dummy, 0, 0, 0, 0)
+    if attn_mask.dtype == torch.bool:
+        mode, attn_mask = A.MASK_BOOL.value, attn_mask.view(torch.uint8)
+    else:
+        mode = A.MASK_ADD.value
+    return mode, (attn_mask, *attn_mask.stride())
 
 
 def tile_config(d_pad: int, cfg: QuantConfig, on_gpu: bool) -> tuple[int, int, int]:
@@ -318,9 +363,9 @@ def _triton_dtype(cfg: QuantConfig):
     return {"fp16": tl.float16, "bf16": tl.bfloat16}.get(cfg.pv_dtype, tl.float16)
 
 
-def sequences(call_tensor: torch.Tensor, cu_seqlens, max_seqlen: int) -> Sequences:
+def sequences(call_tensor: torch.Tensor, cu_seqlens, max_seqlen: int, lengths=None) -> Sequences:
     if cu_seqlens is None:
-        return Sequences(call_tensor.shape[0], call_tensor.shape[2], call_tensor.shape[2], None)
+        return Sequences(call_tensor.shape[0], call_tensor.shape[2], call_tensor.shape[2], None, lengths)
     return Sequences(cu_seqlens.numel() - 1, 0, max_seqlen, cu_seqlens.to(torch.int32))
 
 
@@ -330,7 +375,7 @@ def sage_forward(call) -> None:
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):  # Triton compiles for and launches on the current device
             return sage_forward(call)
-    seqs_k = sequences(call.k, call.cu_seqlens_k, call.max_seqlen_k)
+    seqs_k = sequences(call.k, call.cu_seqlens_k, call.max_seqlen_k, call.key_lengths)
     seqs_q = sequences(call.q, call.cu_seqlens_q, call.max_seqlen_q)
     kv = preprocess_kv(call.k, call.v, call.cfg, seqs_k)
-    attention(call.q, kv, call.is_causal, call.sm_scale, call.out, call.lse, seqs_q, k=call.k)
+    attention(call.q, kv, call.is_causal, call.sm_scale, call.out, call.lse, seqs_q, k=call.k, attn_mask=call.attn_mask)

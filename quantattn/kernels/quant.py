@@ -18,13 +18,22 @@ from quantattn.kernels.common import (
     to_fp8_e4m3,
 )
 
+# rows of preprocess_kv_kernel's per-chunk partials: K sum, max, min; V sum, max, min; K finite count
+PARTIAL_ROWS = tl.constexpr(7)
+K_COUNT_ROW = tl.constexpr(6)
+
 
 @triton.jit
-def seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN: tl.constexpr):
-    """(batch index, first row, length) of sequence `seq`."""
+def seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN: tl.constexpr, LENGTHS: tl.constexpr):
+    """(batch index, first row, length) of sequence `seq`.
+
+    LENGTHS (dense calls only): `cu_seqlens` holds each batch entry's length instead, clamped to
+    [0, n_dense] here (so that reading them on the host, a GPU sync, is never needed to validate them)."""
     if IS_VARLEN:
         start = tl.load(cu_seqlens + seq)
         return seq * 0, start, tl.load(cu_seqlens + seq + 1) - start
+    if LENGTHS:
+        return seq, seq * 0, tl.minimum(tl.maximum(tl.load(cu_seqlens + seq), 0), n_dense)
     return seq, seq * 0, n_dense
 
 
@@ -45,7 +54,7 @@ def token_stats_kernel(
     which = pid // n_programs
     local = pid % n_programs
     seq, h = local // H, local % H
-    b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN)
+    b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN, False)
     if which == 0:
         base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + start.to(tl.int64) * stride_xn
         stride_n = stride_xn
@@ -94,6 +103,12 @@ def _partial_stats(x, mask):
 
 
 @triton.jit
+def _finite_count(x, mask):
+    """Per channel: how many elements of a [rows, D] tile are finite (in float32: exact below 2**24)."""
+    return tl.sum(tl.where(is_finite(x.to(tl.float32)) & mask, 1.0, 0.0), 0)
+
+
+@triton.jit
 def _store_stats(ptr, plane, total, cmax, cmin, cmask):
     tl.store(ptr, total, mask=cmask)
     tl.store(ptr + plane, cmax, mask=cmask)
@@ -101,22 +116,34 @@ def _store_stats(ptr, plane, total, cmax, cmin, cmask):
 
 
 @triton.jit
-def _reduce_partials(PART, n_chunks, cols, cmask, count, OUT, plane, D_PAD: tl.constexpr):
-    """Sum, max and min over the chunks' partials of one tensor (PART: its [n_chunks, 6, D_PAD] rows),
-    in chunk order, so the result does not depend on which program ran last; stores mean, max, min.
+def _reduce_partials(PART, n_chunks, cols, cmask, count, OUT, plane, D_PAD: tl.constexpr, TRIMMED: tl.constexpr):
+    """Sum, max and min over the chunks' partials of one tensor (PART: its rows of the
+    [n_chunks, PARTIAL_ROWS, D_PAD] partials), in chunk order, so the result does not depend on which
+    program ran last; stores centre, max, min. The centre is the mean over `count` tokens (V), or
+    (TRIMMED: K, smooth K's vector) the trimmed mean of the finite elements, (sum - max - min) /
+    (finite - 2), zero where fewer than 3 are finite (reference.quant.smoothing_vector_k says why).
     Eight chunks at a time: a rarely taken branch must not raise the whole kernel's register count.
     `.cg` loads bypass L1: other programs, maybe on other SMs, wrote the partials."""
     total = tl.zeros((D_PAD,), tl.float32)
     cmax = tl.full((D_PAD,), float("-inf"), tl.float32)
     cmin = tl.full((D_PAD,), float("inf"), tl.float32)
+    finite = tl.zeros((D_PAD,), tl.float32)
     for c0 in range(0, n_chunks, 8):
         chunks = c0 + tl.arange(0, 8)
-        ptrs = PART + chunks[:, None] * (6 * D_PAD) + cols[None, :]
+        ptrs = PART + chunks[:, None] * (PARTIAL_ROWS * D_PAD) + cols[None, :]
         ok = (chunks[:, None] < n_chunks) & cmask[None, :]
         total += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), 0)
         cmax = tl.maximum(cmax, tl.max(tl.load(ptrs + D_PAD, mask=ok, other=float("-inf"), cache_modifier=".cg"), 0))
         cmin = tl.minimum(cmin, tl.min(tl.load(ptrs + 2 * D_PAD, mask=ok, other=float("inf"), cache_modifier=".cg"), 0))
-    _store_stats(OUT, plane, total / tl.maximum(count * 1.0, 1.0), cmax, cmin, cmask)
+        if TRIMMED:
+            finite += tl.sum(tl.load(ptrs + K_COUNT_ROW * D_PAD, mask=ok, other=0.0, cache_modifier=".cg"), 0)
+    if TRIMMED:
+        enough = finite >= 3.0  # (and no infinite max/min to subtract where there are fewer)
+        trimmed = total - tl.where(enough, cmax, 0.0) - tl.where(enough, cmin, 0.0)
+        centre = tl.where(enough, trimmed / tl.maximum(finite - 2.0, 1.0), 0.0)
+    else:
+        centre = total / tl.maximum(count * 1.0, 1.0)
+    _store_stats(OUT, plane, centre, cmax, cmin, cmask)
 
 
 @triton.jit
@@ -178,15 +205,16 @@ def preprocess_kv_kernel(
     GRAN: tl.constexpr, QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_MODE: tl.constexpr, SMOOTH_V: tl.constexpr, V_RANGE: tl.constexpr,
     EXACT_CASTS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, LENGTHS: tl.constexpr,
 ):  # fmt: skip
     """Smooth and quantize K (and V) of every (sequence, kv head) in one launch.
 
     Work comes in chunks of BLOCKS_PER_CHUNK * BLOCK_N keys of one head. Programs take tickets from a
     counter (SYNC[0]) in the order they start; ticket t = (head h, chunk c) computes the statistics
-    of chunk c of head h (PART: [heads, n_chunks, 6, D_PAD] sums, maxima, minima of K then V; the
-    head's last chunk to finish reduces them into STATS, [2, 3, heads, D]: mean, max, min of K, then
-    V) and then quantizes chunk c of head h - lag with that head's finished statistics. A program
+    of chunk c of head h (PART: [heads, n_chunks, PARTIAL_ROWS, D_PAD] sums, maxima, minima of K then
+    V, and K's finite counts; the head's last chunk to finish reduces them into STATS, [2, 3, heads, D]:
+    K's trimmed mean (smooth K's vector), max, min, then V's mean, max, min) and then quantizes chunk
+    c of head h - lag with that head's finished statistics. A program
     waits only for tickets smaller than its own, whose programs have all started, so the launch
     cannot deadlock however few programs fit on the GPU (the interpreter, which runs them one after
     another, included); with `lag` heads between the two halves the wait is rarely felt, and the
@@ -204,12 +232,13 @@ def preprocess_kv_kernel(
     # ---- statistics of chunk c of head h ----
     if head < n_heads:
         seq, h = head // H, head % H
-        b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN)
+        b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN, LENGTHS)
         b64, h64, head64 = b.to(tl.int64), h.to(tl.int64), head.to(tl.int64)
         k_sum = tl.zeros((D_PAD,), tl.float32)
         k_max = tl.full((D_PAD,), float("-inf"), tl.float32)
         k_min = tl.full((D_PAD,), float("inf"), tl.float32)
         v_sum, v_max, v_min = k_sum, k_max, k_min
+        k_count = k_sum
         for i in range(BLOCKS_PER_CHUNK):
             local = tl.arange(0, BLOCK_N)
             mask = (row0 + i * BLOCK_N + local[:, None] < n) & cmask[None, :]
@@ -217,24 +246,26 @@ def preprocess_kv_kernel(
             k = _load_rows(K, b64, h64, stride_kb, stride_kh, stride_kn, first, local, cols, mask)
             s, mx, mn = _partial_stats(k, mask)
             k_sum, k_max, k_min = k_sum + s, tl.maximum(k_max, mx), tl.minimum(k_min, mn)
+            k_count += _finite_count(k, mask)
             if V_STATS:
                 v = _load_rows(V, b64, h64, stride_vb, stride_vh, stride_vn, first, local, cols, mask)
                 s, mx, mn = _partial_stats(v, mask)
                 v_sum, v_max, v_min = v_sum + s, tl.maximum(v_max, mx), tl.minimum(v_min, mn)
-        part = PART + (head64 * n_chunks + chunk) * (6 * D_PAD) + cols
+        part = PART + (head64 * n_chunks + chunk) * (PARTIAL_ROWS * D_PAD) + cols
         _store_stats(part, D_PAD, k_sum, k_max, k_min, cmask)
         _store_stats(part + 3 * D_PAD, D_PAD, v_sum, v_max, v_min, cmask)
+        tl.store(part + K_COUNT_ROW * D_PAD, k_count, mask=cmask)
         # every thread's partials are stored before the (releasing) arrival is counted
         tl.debug_barrier()
         arrived = tl.atomic_add(SYNC + 1 + head, 1, sem="acq_rel")
         if arrived == n_chunks - 1:  # the head's last chunk: reduce all of them
             tl.debug_barrier()
-            head_part = PART + head64 * n_chunks * (6 * D_PAD)
+            head_part = PART + head64 * n_chunks * (PARTIAL_ROWS * D_PAD)
             stat = head64 * HEAD_DIM + cols
-            _reduce_partials(head_part, n_chunks, cols, cmask, n, STATS + stat, plane, D_PAD)
+            _reduce_partials(head_part, n_chunks, cols, cmask, n, STATS + stat, plane, D_PAD, True)
             if V_STATS:
                 _reduce_partials(
-                    head_part + 3 * D_PAD, n_chunks, cols, cmask, n, STATS + 3 * plane + stat, plane, D_PAD
+                    head_part + 3 * D_PAD, n_chunks, cols, cmask, n, STATS + 3 * plane + stat, plane, D_PAD, False
                 )
             tl.debug_barrier()
             tl.atomic_add(SYNC + 1 + head, 1, sem="release")  # n_chunks + 1: the statistics are ready
@@ -247,7 +278,7 @@ def preprocess_kv_kernel(
         tl.atomic_add(SYNC + 1 + qhead, 0, sem="acquire")
         tl.debug_barrier()
         seq, h = qhead // H, qhead % H
-        b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN)
+        b, start, n = seq_bounds(seq, cu_seqlens, n_dense, IS_VARLEN, LENGTHS)
         b64, h64 = b.to(tl.int64), h.to(tl.int64)
         stat = qhead.to(tl.int64) * HEAD_DIM + cols
         for i in range(BLOCKS_PER_CHUNK):

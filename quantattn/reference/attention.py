@@ -22,6 +22,7 @@ from quantattn.reference.quant import (
     round_to_fp16,
     row_group_amax,
     saturating_cast,
+    smoothing_vector_k,
 )
 
 LOG2E = 1.4426950408889634
@@ -39,17 +40,18 @@ class QuantizedQ:
 class QuantizedKV:
     k: torch.Tensor  # integer values in float32 [B, Hkv, Nk, d]
     k_scale: torch.Tensor  # [B, Hkv, Nk]
-    k_mean: torch.Tensor | None  # [B, Hkv, d] (smooth K)
-    k_smoothed: torch.Tensor  # K - mean in float32, for smooth Q's correction term
+    k_mean: torch.Tensor | None  # [B, Hkv, d] smooth K's vector: the trimmed token mean (smoothing_vector_k)
+    k_smoothed: torch.Tensor  # K - k_mean in float32, for smooth Q's correction term
     v: torch.Tensor  # FP8 values (float32) or V in the PV precision (float32) [B, Hkv, Nk, d]
     v_scale: torch.Tensor | None  # [B, Hkv, d] (FP8 PV)
     v_mean: torch.Tensor | None  # [B, Hkv, d] (smooth V)
 
 
 def smooth_k(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K - mean over tokens: every score row shifts by a constant, which softmax ignores."""
-    mean = finite_mean(k, dim=-2)
-    return k.float() - mean[..., None, :], mean
+    """K - its trimmed token mean (smoothing_vector_k): every score row shifts by a constant, which
+    softmax ignores. Returns (smoothed K in float32, the vector)."""
+    centre = smoothing_vector_k(k)
+    return k.float() - centre[..., None, :], centre
 
 
 def smooth_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,9 +169,13 @@ def attention_quantized(
     cfg: QuantConfig,
     is_causal: bool,
     block_n: int | None = None,
+    attn_mask: torch.Tensor | None = None,
+    causal_shift: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax attention over quantized operands, `block_n` keys a step (default cfg.kv_block).
 
+    attn_mask: bool (True attends) or float (added to the scores in natural-log units), broadcastable
+    to [B, Hq, Nq, Nk]. causal_shift: query i sees keys j <= i + causal_shift (default Nk - Nq).
     Returns (output float32, lse in log2 units)."""
     block_n = block_n or cfg.kv_block
     hq = q.values.shape[1]
@@ -182,15 +188,22 @@ def attention_quantized(
     acc = torch.zeros(b, hq, nq, dv, device=dev)
     rows = torch.arange(nq, device=dev)[:, None]
     delta_s = expand_rows(q.delta_s, C.Q_BLOCK_ROWS, nq) if q.delta_s is not None else None
+    if causal_shift is None:
+        causal_shift = nk - nq
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(b, hq, nq, nk)
     for start in range(0, nk, block_n):
         end = min(start + block_n, nk)
         s = (q.values @ k[..., start:end, :].transpose(-1, -2)) * k_scale[..., None, start:end]
         s = s * q.scale[..., None]
         if delta_s is not None:
             s = s + delta_s[..., start:end]
+        if attn_mask is not None:
+            blk = attn_mask[..., start:end]
+            s = s.masked_fill(~blk, -math.inf) if blk.dtype == torch.bool else s + blk.float() * LOG2E
         if is_causal:
             keys = torch.arange(start, end, device=dev)[None, :]
-            s = s.masked_fill(keys > rows + (nk - nq), -math.inf)
+            s = s.masked_fill(keys > rows + causal_shift, -math.inf)
         m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
         alpha = torch.exp2(m - m_safe)
@@ -223,11 +236,14 @@ def sage_attention_reference(
     sm_scale: float | None = None,
     return_lse: bool = False,
     block_n: int | None = None,
+    attn_mask: torch.Tensor | None = None,
+    causal_shift: int | None = None,
 ):
     """SageAttention of HND tensors, computed with float32 tensor ops on q's device; output in q's dtype.
 
     lse (float32 [B, Hq, Nq]) is the natural-log logsumexp of the full-precision-equivalent scores
-    sm_scale * q.k, with smooth K's dropped per-row constant added back.
+    sm_scale * q.k (plus an additive attn_mask), with smooth K's dropped per-row constant added back.
+    attn_mask and causal_shift as in attention_quantized.
     """
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
@@ -235,7 +251,7 @@ def sage_attention_reference(
     q, k, v = (t.detach() for t in (q, k, v))
     kv = preprocess_kv(k, v, cfg)
     qq = quantize_q(q, kv, cfg, sm_scale)
-    out, lse2 = attention_quantized(qq, kv, cfg, is_causal, block_n)
+    out, lse2 = attention_quantized(qq, kv, cfg, is_causal, block_n, attn_mask, causal_shift)
     out = saturating_cast(out, dtype)
     if not return_lse:
         return out
@@ -246,17 +262,25 @@ def sage_attention_reference(
     return out, lse
 
 
-def attention_fp64(q, k, v, is_causal=False, sm_scale=None, return_lse=False, chunk=1024):
-    """softmax(sm_scale q k^T) v in float64, bottom-right causal; the ground truth for accuracy."""
+def attention_fp64(q, k, v, is_causal=False, sm_scale=None, return_lse=False, chunk=1024, attn_mask=None):
+    """softmax(sm_scale q k^T + mask) v in float64, bottom-right causal; the ground truth for accuracy.
+
+    attn_mask: bool (True attends) or additive float, broadcastable to [B, Hq, Nq, Nk]; rows that see no
+    key give zeros (and lse -inf)."""
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (t.detach().double() for t in (q, k, v))
     hq = q.shape[1]
     k, v = _expand_heads(k, hq), _expand_heads(v, hq)
     nq, nk = q.shape[-2], k.shape[-2]
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(q.shape[0], hq, nq, nk)
     outs, lses = [], []
     for start in range(0, max(nq, 1), chunk):
         s = (q[..., start : start + chunk, :] @ k.transpose(-1, -2)) * sm_scale
+        if attn_mask is not None:
+            blk = attn_mask[..., start : start + chunk, :]
+            s = s.masked_fill(~blk, -math.inf) if blk.dtype == torch.bool else s + blk.double()
         if is_causal:
             rows = torch.arange(start, min(start + chunk, nq), device=q.device)[:, None]
             s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > rows + (nk - nq), -math.inf)

@@ -34,6 +34,37 @@ def finite_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
     return finite_or_zero(x.float()).sum(dim) / n
 
 
+def finite_trimmed_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean over `dim` of the finite elements without their largest and smallest one:
+    (sum - max - min) / (count - 2) of the finite elements, and zero where fewer than 3 are finite.
+
+    Computed from the sum, maximum, minimum and count, in float32 (float64 for float64 inputs), as
+    quantattn/kernels/quant.py computes it from its per-channel statistics."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    ok = torch.isfinite(x)
+    if x.shape[dim] == 0:
+        return torch.zeros_like(x.sum(dim))
+    count = ok.sum(dim).to(x.dtype)
+    total = torch.where(ok, x, 0.0).sum(dim)
+    cmax = torch.where(ok, x, -torch.inf).amax(dim)
+    cmin = torch.where(ok, x, torch.inf).amin(dim)
+    trimmed = (total - cmax - cmin) / (count - 2).clamp_min(1)
+    return torch.where(count >= 3, trimmed, torch.zeros_like(trimmed))
+
+
+def smoothing_vector_k(k: torch.Tensor) -> torch.Tensor:
+    """The per-channel vector smooth K subtracts from every key of K [..., N, d]: the trimmed token mean
+    (`finite_trimmed_mean` over the N keys), [..., d].
+
+    Any vector subtracted from all keys shifts each score row by a constant, which the softmax ignores;
+    the lse correction and smooth Q's correction term must use the same vector. The plain mean would
+    remove the channel offsets just as well, but one key far larger than the rest dominates it when keys
+    are few, and every other key would then carry that key's size into its INT8 scale. Dropping each
+    channel's largest and smallest value removes such a key from the centre, and differs from the mean
+    by O(1/N) on ordinary keys."""
+    return finite_trimmed_mean(k, dim=-2)
+
+
 def _pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
     n = x.shape[-2]
     pad = (-n) % multiple

@@ -79,12 +79,18 @@ def test_errors_are_measured_on_exactly_the_calls_inputs(report_and_calls):
         assert report.error(key, "sdpa") == metrics.relative_l1(sdpa, truth)
 
 
-def test_masked_call_is_recorded_as_a_fallback(report_and_calls):
-    report, _, _, _ = report_and_calls
-    rec = report.layers["blocks.2.attn#0"]
-    assert rec.fallback.startswith("attn_mask is given") and rec.errors == {}
-    assert rec.stats.max_abs_q > 0  # its statistics are still taken
-    assert "torch SDPA: attn_mask is given" in report.table()
+def test_masked_call_is_measured_with_its_mask(report_and_calls):
+    report, calls, _, _ = report_and_calls
+    key = "blocks.2.attn#0"
+    q, k, v, mask, causal, _ = calls[2]
+    assert mask is not None and report.layers[key].fallback is None
+    truth = attention_fp64(q, k, v, is_causal=causal, attn_mask=mask)
+    for name in CANDIDATES:
+        out = quantattn.sageattn(q, k, v, is_causal=causal, attn_mask=mask, config=VARIANTS[name])
+        assert report.error(key, name, "rel_l1") == metrics.relative_l1(out, truth)
+    # the padding keys are really left out: the same layer without its mask is far off the truth
+    unmasked = quantattn.sageattn(q, k, v, is_causal=causal, config=VARIANTS["sage2-8b"])
+    assert metrics.relative_l1(unmasked, truth) > 10 * report.error(key, "sage2-8b", "rel_l1")
 
 
 def test_the_model_runs_in_full_precision_and_is_left_as_it_was(report_and_calls):

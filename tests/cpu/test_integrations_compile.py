@@ -88,7 +88,14 @@ def test_bad_calls_fail_at_compile_time_with_the_eager_message():
 def test_ops_pass_torch_library_opcheck():
     q, k, v = qkv(3, n=16)
     choices = ops.flatten_choices(None, {})
-    torch.library.opcheck(torch.ops.quantattn.sageattn.default, (q, k, v, "HND", True, None, True, "auto", *choices))
+    torch.library.opcheck(
+        torch.ops.quantattn.sageattn.default, (q, k, v, "HND", None, None, True, None, True, "auto", *choices)
+    )
+    mask = torch.rand(16, 16, generator=torch.Generator().manual_seed(3)) > 0.5
+    lengths = torch.tensor([16, 9][: q.shape[0]], dtype=torch.int32)
+    torch.library.opcheck(
+        torch.ops.quantattn.sageattn.default, (q, k, v, "HND", mask, lengths, False, None, True, "auto", *choices)
+    )
     cu = torch.tensor([0, 16], dtype=torch.int32)
     qp, kp, vp = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
     torch.library.opcheck(

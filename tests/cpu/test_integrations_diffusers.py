@@ -127,13 +127,20 @@ def test_skip_keeps_chosen_blocks_in_full_precision_and_apply_again_replaces():
     assert not isinstance(processor.processor, D.QuantAttnProcessor)  # wrapped once, not twice
 
 
-def test_masked_cross_attention_falls_back():
+def test_masked_cross_attention_runs_quantized_with_its_mask():
     model, inputs = build("PixArtTransformer2DModel")
-    D.apply(model, cpu="reference")
     mask = torch.ones(2, 7)
     mask[0, 5:] = 0
-    run(model, {**inputs, "encoder_attention_mask": mask})
-    assert S.fallbacks["attn_mask is given (the kernels take no mask yet)"] == 2  # cross-attention only
+    masked = {**inputs, "encoder_attention_mask": mask}
+    expected = run(model, masked)
+    D.apply(model, cpu="reference")
+    out = run(model, masked)
+    assert not S.fallbacks  # the cross-attention's padding mask goes to the kernels
+    assert (out.float() - expected.float()).abs().max() < 0.05
+    # and it is applied: without it the output moves much further
+    assert (run(model, inputs).float() - expected.float()).abs().max() > 2 * (
+        out.float() - expected.float()
+    ).abs().max()
 
 
 def test_pipeline_applies_to_its_denoiser_only():

@@ -20,6 +20,7 @@ from quantattn import config as C
 from quantattn.config import SAGE1, SAGE2_4B, SAGE2_8B, QuantConfig
 from quantattn.reference import (
     attention_fp64,
+    finite_trimmed_mean,
     quantize_int,
     quantize_q,
     quantize_v_fp8,
@@ -29,6 +30,7 @@ from quantattn.reference import (
     sage_attention_reference,
     smooth_k,
     smooth_v,
+    smoothing_vector_k,
 )
 from quantattn.reference.attention import LOG2E, expand_rows, preprocess_kv, q_block_means
 
@@ -279,7 +281,8 @@ def test_operands_lie_on_their_grids(qa, qk, pv, accum, smooth_v):
 def test_smooth_k_leaves_softmax_unchanged_in_float64(qa):
     q, k, _ = qa.make_qkv(3, nq=40, d=32, nk=70, k_bias=10.0)
     k_s, mean = smooth_k(k)
-    torch.testing.assert_close(mean, k.float().mean(-2), rtol=1e-5, atol=1e-5)
+    trimmed = (k.double().sum(-2) - k.double().amax(-2) - k.double().amin(-2)) / 68  # the trimmed token mean
+    torch.testing.assert_close(mean.double(), trimmed, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k_s, k.float() - mean[..., None, :])
     q64, k64 = q.double(), k.double()
     k_s64 = k64 - mean.double()[..., None, :]  # any per-channel constant would do: the scores shift per row
@@ -288,6 +291,49 @@ def test_smooth_k_leaves_softmax_unchanged_in_float64(qa):
     torch.testing.assert_close(p_s, p, rtol=1e-11, atol=1e-14)
     # and it matters: the scores themselves moved by a lot
     assert (q64 @ k64.transpose(-1, -2) - q64 @ k_s64.transpose(-1, -2)).abs().max() > 10
+
+
+def trimmed_mean_by_definition(x: torch.Tensor) -> torch.Tensor:
+    """Per column of a [N, d] tensor, in float64: sort the finite values, drop the first and the last,
+    average the rest; 0 where fewer than 3 are finite."""
+    out = torch.zeros(x.shape[1], dtype=torch.float64)
+    for c in range(x.shape[1]):
+        col = x[:, c].double()
+        finite = col[torch.isfinite(col)].sort().values
+        if finite.numel() >= 3:
+            out[c] = finite[1:-1].mean()
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 7, 64])
+def test_trimmed_mean_is_the_formula(n):
+    """finite_trimmed_mean (smooth K's vector) = (sum - max - min) / (count - 2) over the finite elements,
+    the mean of the finite values without their largest and smallest, zero where fewer than 3 are finite:
+    on random values with NaN and +-Inf sprinkled so that the columns hold every finite count 0..n."""
+    g = torch.Generator().manual_seed(seed_of("trimmed", n))
+    d = 40
+    x = torch.randn(n, d, generator=g) * 10 ** (6 * torch.rand(d, generator=g))  # columns of sizes 1 to 1e6
+    bad = torch.rand(n, d, generator=g) < torch.linspace(0, 1, d)  # column c: about c / d non-finite
+    bad[:, 0], bad[:, -1] = False, True  # every element finite; none finite
+    for count in range(5):  # columns 1..5: exactly 0..4 finite values (as many as there are rows)
+        bad[:, 1 + count] = torch.randperm(n, generator=g) >= count
+    specials = torch.tensor([math.nan, math.inf, -math.inf])[torch.randint(0, 3, (n, d), generator=g)]
+    x = torch.where(bad, specials, x)
+    counts = torch.isfinite(x).sum(0)
+    assert set(range(min(n, 4) + 1)) <= set(counts.tolist())  # 0..4 finite values per channel all occur
+    want = trimmed_mean_by_definition(x)
+    for dtype in (torch.float32, torch.float64):
+        got = finite_trimmed_mean(x.to(dtype), dim=0)
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert torch.equal(got[counts < 3], torch.zeros_like(got[counts < 3]))
+        # sum - max - min cancels at the size of the largest element
+        scale = torch.where(torch.isfinite(x), x.abs(), 0).amax(0).double() if n else torch.zeros(d).double()
+        tol = (1e-12 if dtype == torch.float64 else 1e-6) * scale * max(n, 1)
+        assert ((got.double() - want).abs() <= tol).all(), (got, want)
+    # as smooth K's vector: over the tokens of every (batch, head), the same numbers
+    k = x.T.reshape(2, 20, n).transpose(-1, -2).bfloat16()  # [2 heads, n keys, 20 channels]
+    want_k = torch.stack([trimmed_mean_by_definition(k[h].float()) for h in range(2)])
+    torch.testing.assert_close(smoothing_vector_k(k).double(), want_k, rtol=1e-6, atol=1e-6 * float(scale.max()))
 
 
 def test_smooth_v_leaves_output_unchanged_in_float64(qa):

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import quantattn
 from quantattn.integrations import torch_sdpa as S
+from quantattn.metrics import relative_l1 as rel_l1
+from quantattn.reference import attention_fp64
 
 ORIGINAL = S.ORIGINAL_SDPA
 
@@ -55,7 +57,7 @@ def test_cpu_calls_fall_back_by_default_and_say_why_once(caplog):
 @pytest.mark.parametrize(
     "kwargs, reason",
     [
-        ({"attn_mask": torch.ones(64, 64, dtype=torch.bool)}, "attn_mask"),
+        ({"attn_mask": torch.zeros(64, 64, dtype=torch.bfloat16).requires_grad_()}, "attn_mask requires grad"),
         ({"dropout_p": 0.1}, "dropout_p"),
         ({"dtype": torch.float32}, "dtype torch.float32"),
         ({"nq": 32, "is_causal": True}, "is_causal with Nq != Nk"),
@@ -74,14 +76,33 @@ def test_calls_kernels_cannot_take_fall_back(kwargs, reason):
     assert any(r.startswith(reason) for r in S.fallbacks), dict(S.fallbacks)
 
 
-def test_inputs_that_require_grad_fall_back_and_keep_their_gradients():
+@pytest.mark.parametrize("form", ["bool", "additive", "key padding [B, 1, 1, Nk]"])
+def test_masks_go_to_the_kernels_with_sdpas_meaning(form):
+    q, k, v = qkv(3)
+    g = torch.Generator().manual_seed(3)
+    if form == "bool":
+        mask = torch.rand(64, 64, generator=g) > 0.3
+    elif form == "additive":
+        mask = torch.randn(q.shape[0], q.shape[1], 64, 64, generator=g).to(q.dtype)
+    else:
+        mask = torch.ones(q.shape[0], 1, 1, 64, dtype=torch.bool)
+        mask[0, ..., 40:] = False
+    with quantattn.patched(cpu="reference"):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert not S.fallbacks
+    assert torch.equal(out, quantattn.sageattn(q, k, v, attn_mask=mask, backend="reference"))
+    truth = attention_fp64(q, k, v, attn_mask=mask)
+    assert rel_l1(out, truth) < 0.05
+    assert rel_l1(ORIGINAL(q, k, v), truth) > 2 * rel_l1(out, truth)  # the mask matters on these inputs
+
+
+def test_inputs_that_require_grad_are_quantized_and_keep_their_gradients():
     q, k, v = (t.requires_grad_() for t in qkv(7))
     with quantattn.patched(cpu="reference"):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out.float().sum().backward()
     assert q.grad is not None and k.grad is not None
-    assert any(r.startswith("inputs require grad") for r in S.fallbacks)
-    S.reset_fallbacks()
+    assert not S.fallbacks  # quantattn's backward (tests/cpu/test_backward.py checks its values)
     with quantattn.patched(cpu="reference"), torch.no_grad():
         F.scaled_dot_product_attention(q, k, v)  # no autograd: quantized
     assert not S.fallbacks

@@ -95,10 +95,30 @@ def test_fp16_accumulator_variant_in_fp16():
     check(q, k, v, QuantConfig(qk_granularity="per_block", pv_dtype="fp16", pv_accum="fp16+fp32"))
 
 
-@pytest.mark.parametrize("d", [40, 64, 96, 128, 256])
+@pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 192, 256])
 def test_head_dims(d):
     q, k, v = (make(s, 1, 4, 777, d) for s in (7, 8, 9))
     check(q, k, v, QuantConfig(), is_causal=True)
+
+
+@pytest.mark.parametrize("d", [72, 80, 96, 160, 192])
+@pytest.mark.parametrize("cfg", [QuantConfig(), QuantConfig(pv_dtype="fp16", pv_accum="fp32")], ids=lambda c: c.name)
+def test_two_channel_slabs_equal_one_padded_slab(d, cfg, monkeypatch):
+    """Head dims between powers of two run as two slabs (80 = 64 + 32): integer QK sums are exact and
+    each output channel is its own PV product, so the result is the padded kernel's, bit for bit."""
+    q, k, v = (make(s, 2, 4, 1000, d) for s in (10, 11, 12))
+    split = qa.sageattn(q, k, v, is_causal=True, config=cfg)
+    monkeypatch.setenv("QUANTATTN_SPLIT_HEAD_DIM", "0")
+    assert torch.equal(split, qa.sageattn(q, k, v, is_causal=True, config=cfg))
+
+
+@pytest.mark.parametrize("d", [80, 160])
+def test_v_converted_in_the_kernel_with_odd_head_dims(d):
+    """bf16 V read as FP16 by the kernel (the FP16 accumulator variant is not routed to BF16 PV): one
+    padded slab, since two slabs with that conversion fault on sm_90 under Triton 3.6 (launch.py)."""
+    q, k, v = (make(s, 2, 8, 2048, d) for s in (13, 14, 15))
+    check(q, k, v, QuantConfig(qk_granularity="per_block", pv_dtype="fp16", pv_accum="fp16+fp32"), is_causal=True)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("n", [8192, 32768])

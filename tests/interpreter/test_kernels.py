@@ -19,7 +19,7 @@ import triton.language as tl
 import quantattn as qa
 from quantattn.config import QuantConfig
 from quantattn.kernels.common import to_fp8_e4m3
-from quantattn.reference import attention_fp64, round_to_fp8_e4m3
+from quantattn.reference import attention_fp64, round_to_fp8_e4m3, smoothing_vector_k
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -234,8 +234,61 @@ def test_preprocessing_in_chunks_of_several_blocks(monkeypatch, varlen):
     assert torch.equal(whole.k, chunked.k)
     assert torch.equal(whole.k_scale, chunked.k_scale)
     assert torch.equal(whole.v[..., :300].float(), chunked.v[..., :300].float())
-    # the statistics are what the reference computes: per sequence, over its own tokens
+    # the statistics are what the reference computes: per sequence, over its own tokens (for K: smooth
+    # K's vector, the trimmed mean; for V: the mean)
     for s, (lo, hi) in enumerate(((0, 70), (70, 300)) if varlen else ((0, 300),)):
         kk = k[0, :, lo:hi].float() if varlen else k[0].float()
-        torch.testing.assert_close(chunked.k_stats[0][s], kk.mean(1), rtol=1e-5, atol=1e-5)
+        vv = v[0, :, lo:hi].float() if varlen else v[0].float()
+        torch.testing.assert_close(chunked.k_stats[0][s], smoothing_vector_k(kk), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked.v_stats[0][s], vv.mean(1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(chunked.k_stats[1][s], kk.amax(1))
+
+
+def dominant_key(seed, nk, outlier=50.0):
+    """K with a channel bias and its first key 50x larger: smooth K's trimmed mean leaves that key out."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 2, nk, 64, generator=g) + 8 * torch.randn(1, 2, 1, 64, generator=g)
+    k[:, :, 0] *= outlier
+    return k.bfloat16()
+
+
+@pytest.mark.parametrize("nk", [2, 3, 5, 70])
+@pytest.mark.parametrize("keys", ["dominant key", "normal"])
+def test_smooth_k_vector_matches_reference(nk, keys):
+    """The kernel's K statistic is smooth K's vector, the trimmed token mean, as the reference computes
+    it (zero below 3 keys); output and lse (which adds q . vector back) match the reference's, with smooth
+    Q too (its correction term is mean(Q block) . (K - vector))."""
+    from quantattn.kernels import launch
+
+    k = dominant_key(50 + nk, nk) if keys == "dominant key" else make(50 + nk, 1, 2, nk, 64, outliers=True)
+    q, v = make(60, 1, 4, 40, 64), make(61, 1, 2, nk, 64)
+    kv = launch.preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
+    torch.testing.assert_close(kv.k_stats[0][0], smoothing_vector_k(k[0]), rtol=1e-5, atol=1e-4)
+    for cfg in (QuantConfig(), QuantConfig(smooth_q=True)):
+        (out, lse), (ref, ref_lse) = run_both(q, k, v, cfg, return_lse=True)
+        assert_matches(out, ref, attention_fp64(q, k, v))
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-5)  # a few ulps of lse up to ~1000
+
+
+def test_smooth_k_vector_with_non_finite_keys(monkeypatch):
+    """Non-finite elements are left out of the trimmed mean (0 to 4 finite values per channel, and more),
+    chunked or not; keys holding them get NaN scales, as in the reference."""
+    from quantattn.kernels import launch
+
+    g = torch.Generator().manual_seed(62)
+    k = torch.randn(1, 2, 200, 64, generator=g) * 3
+    bad = torch.zeros(1, 2, 200, 64, dtype=torch.bool)
+    for c in range(8):  # channel c of head 0 keeps exactly c finite values; head 1 loses random elements
+        bad[0, 0, c:, c] = True
+    bad[0, 1] = torch.rand(200, 64, generator=g) < 0.02
+    specials = torch.tensor([math.nan, math.inf, -math.inf])[torch.randint(0, 3, bad.shape, generator=g)]
+    k = torch.where(bad, specials, k).bfloat16()
+    v = make(63, 1, 2, 200, 64)
+    for chunks in (16, 2):  # one chunk per head, or the counts of two chunks added up
+        monkeypatch.setattr(launch, "MAX_CHUNKS", chunks)
+        kv = launch.preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
+        want = smoothing_vector_k(k[0])
+        assert torch.equal(kv.k_stats[0][0, 0, :3], torch.zeros(3))  # channels with 0, 1, 2 finite values
+        torch.testing.assert_close(kv.k_stats[0][0], want, rtol=1e-5, atol=1e-5)
+        row_bad = bad[0].any(-1)
+        assert torch.isnan(kv.k_scale[0][row_bad]).all() and torch.isfinite(kv.k_scale[0][~row_bad]).all()

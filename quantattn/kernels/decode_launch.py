@@ -1,0 +1,192 @@
+"""Launchers of the decode kernels (quantattn/kernels/decode.py): buffers, grids, constexpr flags.
+
+Nothing here reads a device value on the host: lengths and positions are Python ints the cache keeps,
+so a decode step (append + attention) never synchronizes and can be captured in a CUDA graph (which
+then replays that step's positions).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantattn.config import QuantConfig
+from quantattn.kernels.decode import append_kv_kernel, decode_attention_kernel, decode_merge_kernel
+from quantattn.kernels.launch import CachedLaunch, cdiv, exact_casts, head_dim_pad, next_power_of_2
+from quantattn.reference.attention import LOG2E
+from quantattn.reference.decode import (
+    MAX_ROWS_PER_PROGRAM,
+    V_BLOCK,
+    KVCacheBuffers,
+    blocks_per_split,
+    packed_rows,
+)
+
+SPLIT_BLOCK = 16  # splits the merge kernel reads per step
+APPEND_WARPS = 4
+
+
+def _int_facts(a: int) -> tuple:
+    """What Triton specializes an integer argument on: equal to 1, divisible by 16, its integer type."""
+    return (a == 1, a % 16 == 0, -(2**31) <= a < 2**31, 0 <= a < 2**64)
+
+
+class DecodeLaunch(CachedLaunch):
+    """CachedLaunch keyed by what Triton specializes integers on rather than their values: the cache
+    length and positions change every decode step, and keying on them would miss (and grow the table)
+    at every step."""
+
+    @staticmethod
+    def signature(args, constexprs: dict, num_warps: int, num_stages: int) -> tuple:
+        spec = tuple(
+            _int_facts(a) if type(a) is int else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else None
+            for a in args
+        )
+        return args[0].device.index, spec, tuple(constexprs.values()), num_warps, num_stages
+
+    def __call__(self, grid, args, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+        # No FMA contraction (a compile option, passed with the constexprs; the interpreter ignores it):
+        # ptxas would fuse `x * inv + ROUND_MAGIC` into one fma, rounding x * inv to an integer in one
+        # step where the reference rounds the product first, and near-ties (frequent for bf16 Q, K)
+        # would round differently. Every float32 operation is then rounded once, as in PyTorch.
+        return super().__call__(grid, args, {**constexprs, "enable_fp_fusion": False}, num_warps, num_stages)
+
+
+launch_decode = DecodeLaunch(decode_attention_kernel)
+launch_merge = DecodeLaunch(decode_merge_kernel)
+launch_append = DecodeLaunch(append_kv_kernel)
+
+
+def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def append(buf: KVCacheBuffers, k: torch.Tensor, v: torch.Tensor, pos0: int, cfg: QuantConfig) -> None:
+    """Quantize HND tokens k, v ([B, Hkv, n, d]) into cache positions pos0 .. pos0 + n.
+
+    An append that completes the partly filled block at pos0 and also leaves a new incomplete block
+    runs as two launches: the first reads the old tail, the second overwrites it."""
+    n = k.shape[2]
+    if n == 0:
+        return
+    k, v = _unit_channel_stride(k), _unit_channel_stride(v)
+    filled = pos0 % V_BLOCK
+    if filled and n > V_BLOCK - filled and (pos0 + n) % V_BLOCK:
+        head = V_BLOCK - filled
+        _append_launch(buf, k[:, :, :head], v[:, :, :head], pos0, cfg)
+        _append_launch(buf, k[:, :, head:], v[:, :, head:], pos0 + head, cfg)
+    else:
+        _append_launch(buf, k, v, pos0, cfg)
+
+
+def _append_launch(buf: KVCacheBuffers, k, v, pos0: int, cfg: QuantConfig) -> None:
+    b, hkv, n, d = k.shape
+    blocks = (pos0 + n - 1) // V_BLOCK - pos0 // V_BLOCK + 1
+    args = (
+        k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2),
+        buf.k_mean,
+        buf.k, buf.k.stride(0), buf.k.stride(1), buf.k.stride(2),
+        buf.k_scale, buf.k_scale.stride(0), buf.k_scale.stride(1),
+        buf.v, buf.v.stride(0), buf.v.stride(1), buf.v.stride(2),
+        buf.v_scale, buf.v_scale.stride(0), buf.v_scale.stride(1), buf.v_scale.stride(2),
+        buf.v_tail, buf.v_tail.stride(0), buf.v_tail.stride(1), buf.v_tail.stride(2),
+        hkv, pos0, n,
+    )  # fmt: skip
+    constexprs = dict(
+        HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=V_BLOCK, V_RANGE=cfg.v_range, EXACT_CASTS=exact_casts(k.device)
+    )
+    launch_append((blocks, b * hkv), args, constexprs, num_warps=APPEND_WARPS, num_stages=1)
+
+
+# Packed rows per program on the GPU: with fewer than 64, Triton 3.6 lowers the FP8 P V product on
+# Hopper to FP8 -> FP16 conversions and mma.sync m16n8k16 with a true FP32 accumulator, not to the FP8
+# tensor-core path (wgmma ... e4m3) whose FP22 accumulator the reference models (§5 of
+# docs/numerics.md): more accurate than specified, but then it is not the specified computation
+# (tests/gpu/test_decode_gpu.py measured 6e-4 relative L1 against the reference at 16 rows).
+# Decoding is memory-bound, so the padded rows cost tensor-core time the loads hide.
+GPU_MIN_ROWS = 64
+
+
+def row_block(rows: int, on_gpu: bool) -> int:
+    """BLOCK_M of the decode kernel: packed rows per program (at least 16, what the MMA needs)."""
+    return min(MAX_ROWS_PER_PROGRAM, max(GPU_MIN_ROWS if on_gpu else 16, next_power_of_2(rows)))
+
+
+def tile_config(d_pad: int, on_gpu: bool) -> tuple[int, int]:
+    """(num_warps, num_stages) of the decode kernel. Not measured yet: a first choice for the H100
+    (memory-bound, 64-key steps: several loads in flight per program). Eight warps (two warpgroups
+    splitting the 64-row tile's columns; the FP8 MMA and its accumulator stay those of docs/numerics.md
+    §5) because ptxas spills the 64-row tile at four: 2020 bytes at d = 128 against 56 at eight
+    (sm_90a, triton 3.6)."""
+    if not on_gpu:
+        return 4, 1
+    return (8, 3) if d_pad <= 128 else (8, 2)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    buf: KVCacheBuffers,
+    n_keys: int,
+    cfg: QuantConfig,
+    is_causal: bool,
+    sm_scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+) -> None:
+    """Write out (HND view of [B, Hq, Nq, d]) and lse ([B, Hq, Nq] float32) for q (HND) against the
+    first n_keys tokens of the cache (n_keys >= 1)."""
+    q = _unit_channel_stride(q)
+    b, hq, nq, d = q.shape
+    hkv = buf.k.shape[1]
+    rows = packed_rows(hq, hkv, nq)
+    block_m = row_block(rows, q.is_cuda)
+    row_tiles = cdiv(rows, block_m)
+    bps = blocks_per_split(n_keys, b * hkv, rows)
+    n_splits = cdiv(cdiv(n_keys, V_BLOCK), bps)
+    d_pad = head_dim_pad(d)
+    programs = b * hkv * row_tiles
+    single = n_splits == 1
+    dev = q.device
+    if single:
+        part_o = part_ml = buf.k_scale  # unused
+    else:
+        part_o = torch.empty(programs, block_m, n_splits, d_pad, dtype=torch.float32, device=dev)
+        part_ml = torch.empty(programs, block_m, n_splits, 2, dtype=torch.float32, device=dev)
+    lse_args = (lse, lse.stride(0), lse.stride(1)) if lse is not None else (buf.k_scale, 0, 0)
+    exact = exact_casts(dev)
+    num_warps, num_stages = tile_config(d_pad, q.is_cuda)
+    args = (
+        q, q.stride(0), q.stride(1), q.stride(2),
+        buf.k, buf.k.stride(0), buf.k.stride(1), buf.k.stride(2),
+        buf.k_scale, buf.k_scale.stride(0), buf.k_scale.stride(1),
+        buf.v, buf.v.stride(0), buf.v.stride(1), buf.v.stride(2),
+        buf.v_scale, buf.v_scale.stride(0), buf.v_scale.stride(1), buf.v_scale.stride(2),
+        buf.v_tail, buf.v_tail.stride(0), buf.v_tail.stride(1), buf.v_tail.stride(2),
+        buf.k_mean,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        *lse_args,
+        part_o, part_ml,
+        hkv, nq, n_keys, bps * V_BLOCK, n_splits, row_tiles, hq // hkv,
+        sm_scale * LOG2E, sm_scale,
+    )  # fmt: skip
+    constexprs = dict(
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=V_BLOCK, P_SCALE=cfg.p_scale,
+        PV_ACC16=cfg.pv_accum == "fp32+fp16", EXACT_CASTS=exact, IS_CAUSAL=is_causal,
+        SINGLE_SPLIT=single, RETURN_LSE=lse is not None,
+    )  # fmt: skip
+    launch_decode((n_splits, programs), args, constexprs, num_warps=num_warps, num_stages=num_stages)
+    if single:
+        return
+    args = (
+        part_o, part_ml,
+        q, q.stride(0), q.stride(1), q.stride(2),
+        buf.k_mean,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        *lse_args,
+        hkv, nq, n_splits, row_tiles, hq // hkv, sm_scale,
+    )  # fmt: skip
+    constexprs = dict(
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, SPLIT_BLOCK=SPLIT_BLOCK, EXACT_CASTS=exact,
+        RETURN_LSE=lse is not None,
+    )  # fmt: skip
+    launch_merge((programs * block_m,), args, constexprs, num_warps=4 if d_pad >= 128 else 2, num_stages=1)
