@@ -340,7 +340,12 @@ def sageattn_decode(
                 qh, cache.buffers, n_keys, cache.config, is_causal, scale, _to_hnd(out, tensor_layout), lse
             )
     else:
-        res = R.decode_reference(qh, cache.buffers, n_keys, cache.config, is_causal, scale, return_lse)
+        fp32_pv = False
+        if q.is_cuda:  # mirror the kernel this GPU would run (its P V accumulator depends on the tile)
+            from quantattn.kernels.decode_launch import reference_rows_in_fp32
+
+            fp32_pv = reference_rows_in_fp32(qh, cache.kv_heads, cache.config)
+        res = R.decode_reference(qh, cache.buffers, n_keys, cache.config, is_causal, scale, return_lse, fp32_pv=fp32_pv)
         if return_lse:
             _to_hnd(out, tensor_layout).copy_(res[0])
             lse.copy_(res[1])

@@ -98,29 +98,41 @@ def _append_launch(buf: KVCacheBuffers, k, v, pos0: int, cfg: QuantConfig) -> No
     launch_append((blocks, b * hkv), args, constexprs, num_warps=APPEND_WARPS, num_stages=1)
 
 
-# Packed rows per program on the GPU: with fewer than 64, Triton 3.6 lowers the FP8 P V product on
-# Hopper to FP8 -> FP16 conversions and mma.sync m16n8k16 with a true FP32 accumulator, not to the FP8
-# tensor-core path (wgmma ... e4m3) whose FP22 accumulator the reference models (§5 of
-# docs/numerics.md): more accurate than specified, but then it is not the specified computation
-# (tests/gpu/test_decode_gpu.py measured 6e-4 relative L1 against the reference at 16 rows).
-# Decoding is memory-bound, so the padded rows cost tensor-core time the loads hide.
-GPU_MIN_ROWS = 64
+# Packed rows per program. Decoding one token with a GQA group of 4 packs 4 rows: a 64-row tile would
+# spend 16 times the exp2 and MMA work of the rows it holds, and that work, not the loads, sets the
+# speed (H100, B=8, 32/8 heads, d=128: 1.2 TB/s at 64 rows with 1 token or 16). With fewer than 64
+# rows Triton 3.6 lowers the FP8 P V product on Hopper to FP8 -> FP16 conversions and mma.sync with a
+# true FP32 accumulator instead of wgmma's FP22 one: exact products summed in FP32, more accurate
+# than docs/numerics.md §5, and modelled by decode_reference(fp32_pv=True).
+MIN_ROWS = 16  # what an MMA needs
 
 
-def row_block(rows: int, on_gpu: bool) -> int:
-    """BLOCK_M of the decode kernel: packed rows per program (at least 16, what the MMA needs)."""
-    return min(MAX_ROWS_PER_PROGRAM, max(GPU_MIN_ROWS if on_gpu else 16, next_power_of_2(rows)))
+def row_block(rows: int, cfg: QuantConfig, on_gpu: bool) -> int:
+    """BLOCK_M of the decode kernel: packed rows per program. 2++'s FP16 accumulator keeps 64 rows on
+    the GPU (its wgmma accumulation is the modelled one; mma.sync's FP16 one is not)."""
+    floor = 64 if on_gpu and cfg.pv_accum == "fp32+fp16" else MIN_ROWS
+    return min(MAX_ROWS_PER_PROGRAM, max(floor, next_power_of_2(rows)))
 
 
-def tile_config(d_pad: int, on_gpu: bool) -> tuple[int, int]:
-    """(num_warps, num_stages) of the decode kernel. Not measured yet: a first choice for the H100
-    (memory-bound, 64-key steps: several loads in flight per program). Eight warps (two warpgroups
-    splitting the 64-row tile's columns; the FP8 MMA and its accumulator stay those of docs/numerics.md
-    §5) because ptxas spills the 64-row tile at four: 2020 bytes at d = 128 against 56 at eight
-    (sm_90a, triton 3.6)."""
+def pv_accumulates_in_fp32(block_m: int, device: torch.device) -> bool:
+    """Whether the kernel's FP8 P V product sums in true FP32 (mma.sync after FP16 conversion: Hopper
+    with fewer than 64 rows) rather than in the FP8 tensor-core accumulator."""
+    return device.type == "cuda" and block_m < 64 and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def reference_rows_in_fp32(q: torch.Tensor, hkv: int, cfg: QuantConfig) -> bool:
+    """decode_reference's fp32_pv for a call the kernel would run with q on q's device."""
+    return pv_accumulates_in_fp32(row_block(packed_rows(q.shape[1], hkv, q.shape[2]), cfg, q.is_cuda), q.device)
+
+
+def tile_config(d_pad: int, block_m: int, on_gpu: bool) -> tuple[int, int]:
+    """(num_warps, num_stages) of the decode kernel. 64-row tiles take eight warps (two warpgroups
+    splitting the tile's columns) because ptxas spills them at four (2020 bytes at d = 128 against 56 at
+    eight; sm_90a, triton 3.6); 16-row tiles fit four."""
     if not on_gpu:
         return 4, 1
-    return (8, 3) if d_pad <= 128 else (8, 2)
+    warps = 4 if block_m <= 16 else 8
+    return (warps, 3) if d_pad <= 128 else (warps, 2)
 
 
 def decode_attention(
@@ -139,7 +151,7 @@ def decode_attention(
     b, hq, nq, d = q.shape
     hkv = buf.k.shape[1]
     rows = packed_rows(hq, hkv, nq)
-    block_m = row_block(rows, q.is_cuda)
+    block_m = row_block(rows, cfg, q.is_cuda)
     row_tiles = cdiv(rows, block_m)
     bps = blocks_per_split(n_keys, b * hkv, rows)
     n_splits = cdiv(cdiv(n_keys, V_BLOCK), bps)
@@ -154,7 +166,7 @@ def decode_attention(
         part_ml = torch.empty(programs, block_m, n_splits, 2, dtype=torch.float32, device=dev)
     lse_args = (lse, lse.stride(0), lse.stride(1)) if lse is not None else (buf.k_scale, 0, 0)
     exact = exact_casts(dev)
-    num_warps, num_stages = tile_config(d_pad, q.is_cuda)
+    num_warps, num_stages = tile_config(d_pad, block_m, q.is_cuda)
     args = (
         q, q.stride(0), q.stride(1), q.stride(2),
         buf.k, buf.k.stride(0), buf.k.stride(1), buf.k.stride(2),

@@ -29,6 +29,7 @@ from quantattn.reference.attention import LN2, LOG2E, _pv_partial
 from quantattn.reference.quant import (
     quantize_int,
     quantize_v_fp8,
+    round_to_fp8_e4m3,
     row_group_amax,
     saturating_cast,
     smoothing_vector_k,
@@ -170,8 +171,13 @@ def decode_reference(
     sm_scale: float | None = None,
     return_lse: bool = False,
     split_blocks: int | None = None,
+    fp32_pv: bool = False,
 ):
     """Decode attention of q (HND [B, Hq, Nq, d]) against the first n_keys tokens of the cache.
+
+    fp32_pv: the FP8 P V product of a block accumulates exactly in FP32 (what the kernel's MMA does
+    where it holds fewer than 64 rows on Hopper: `decode_launch.pv_accumulates_in_fp32`), instead of
+    the FP8 tensor-core accumulator of docs/numerics.md §5.
 
     Mirrors the kernel step by step: Q quantized per token (sm_scale * log2 e folded into its scale),
     the GQA group's rows packed together, splits of `split_blocks` 64-key blocks (default:
@@ -224,7 +230,11 @@ def decode_reference(
         p = torch.exp2(s - m_safe[..., None])
         l_sum = l_sum * alpha + p.sum(-1)
         vb = v[:, :, :, j]
-        fp8_part = _pv_partial(p, vb, cfg) * (v_scale[:, :, :, j] / cfg.p_scale)[..., None, :]
+        if fp32_pv:
+            fp8_part = round_to_fp8_e4m3(p * cfg.p_scale) @ vb
+        else:
+            fp8_part = _pv_partial(p, vb, cfg)
+        fp8_part = fp8_part * (v_scale[:, :, :, j] / cfg.p_scale)[..., None, :]
         tail_part = p.to(buf.v_tail.dtype).float() @ vb
         part = torch.where((block < n_full)[:, None, None], fp8_part, tail_part)
         acc = acc * alpha[..., None] + part

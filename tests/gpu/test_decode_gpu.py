@@ -3,14 +3,13 @@
 The reference runs on the GPU on the cache the kernels built, so the attention kernel is checked alone.
 Its Q quantization is the reference's bit for bit (correctly rounded divisions, no FMA contraction:
 kernels/decode.py `_quantize_rows`), so what remains is the hardware's exp2 (ex2.approx), float32
-summation order, and the FP8 MMA's accumulator, which the reference models (FP22) and the kernel must
-actually use: with fewer than 64 packed rows Triton lowered the FP8 product on the H100 to FP16 MMAs
-with an exact FP32 accumulator, 6e-4 relative L1 away from the reference at Nq = 1 and 4 (more accurate,
-but not the specified computation), while the 64-row wgmma path stayed within a tenth of the
-reference's own error against FP64 at every length. That bound (as tests/gpu/test_kernels_gpu.py) is
-kept: the launcher now always uses 64-row tiles on the GPU, and test_fp8_pv_product_is_the_modelled_mma
-checks that the compiled kernel holds the FP8 MMA. The lse bound (1e-3) is ~100x the exp2/summation
-differences; Q's INT8 values rounding differently (before `_quantize_rows`) moved rows' lse by up to 8e-3.
+summation order, and the P V product's accumulator, which the reference models: the FP8 tensor-core
+one (FP22) at 64 packed rows, and true FP32 at 16 rows on Hopper, where Triton lowers the FP8 product
+to FP16 MMAs (decode_launch.pv_accumulates_in_fp32; decode_reference(fp32_pv=True)). The bound, a
+tenth of the reference's own error against FP64, is that of tests/gpu/test_kernels_gpu.py;
+test_pv_product_is_the_one_the_reference_models checks the compiled MMA against that rule. The lse
+bound (1e-3) is ~100x the exp2/summation differences; Q's INT8 values rounding differently (before
+`_quantize_rows`) moved rows' lse by up to 8e-3.
 """
 
 from __future__ import annotations
@@ -112,13 +111,14 @@ def test_append_kernel_builds_the_reference_cache():
 
 
 @pytest.mark.skipif(os.environ.get("QUANTATTN_DIRECT_LAUNCH", "1") == "0", reason="reads the launchers' kernels")
-def test_fp8_pv_product_is_the_modelled_mma():
-    """Nq = 1 (4 packed rows): the compiled decode kernel multiplies P and V with an FP8 MMA (wgmma on
-    Hopper, mma.sync on Ada), the accumulator the reference models, and the decode and append kernels
-    contract nothing into FMAs."""
+@pytest.mark.parametrize("nq", [1, 16])
+def test_pv_product_is_the_one_the_reference_models(nq):
+    """Nq = 1 packs 4 rows (a 16-row tile), Nq = 16 packs 64: the compiled P V product is an FP8 MMA
+    exactly where decode_launch.pv_accumulates_in_fp32 says it is not FP32 (Hopper at 16 rows converts
+    to FP16 and sums in FP32), and the decode and append kernels contract nothing into FMAs."""
     from quantattn.kernels import decode_launch as L
 
-    q, k, v = qkv(10, 1, 32, 8, 1, 4096, 128)
+    q, k, v = qkv(10, 1, 32, 8, nq, 4096, 128)
     cache = quantattn.QuantizedKVCache.from_kv(k, v)
     L.launch_decode.compiled.clear()
     L.launch_append.compiled.clear()
@@ -127,7 +127,8 @@ def test_fp8_pv_product_is_the_modelled_mma():
     decode = [c.asm["ptx"] for c, _ in L.launch_decode.compiled.values()]
     append = [c.asm["ptx"] for c, _ in L.launch_append.compiled.values()]
     assert decode and append
-    assert all(re.search(r"mma[\w.]*\.e4m3\.e4m3", ptx) for ptx in decode), "the P V product is not an FP8 MMA"
+    fp8_mma = all(re.search(r"mma[\w.]*\.e4m3\.e4m3", ptx) for ptx in decode)
+    assert fp8_mma != L.reference_rows_in_fp32(q, 8, cache.config)
     assert not any("fma.rn.f32" in ptx for ptx in decode + append)
 
 
