@@ -105,14 +105,16 @@ def check_attn_mask(mask, q: torch.Tensor, shape: tuple[int, int, int, int]) -> 
         raise TypeError(f"attn_mask must be bool (True attends) or float16/bfloat16/float32 (added), got {mask.dtype}")
     if mask.device != q.device:
         raise ValueError(f"attn_mask must be on q's device ({q.device}), got {mask.device}")
-    if mask.dim() > 4:
+    if not broadcasts_to(mask.shape, shape):
         raise ValueError(f"attn_mask must broadcast to [B, Hq, Nq, Nk] = {list(shape)}, got shape {tuple(mask.shape)}")
-    try:
-        return mask.expand(shape)
-    except RuntimeError:
-        raise ValueError(
-            f"attn_mask must broadcast to [B, Hq, Nq, Nk] = {list(shape)}, got shape {tuple(mask.shape)}"
-        ) from None
+    return mask.expand(shape)
+
+
+def broadcasts_to(shape, target) -> bool:
+    """Whether a tensor of `shape` broadcasts to `target` (trailing dims equal or 1, no extra dims)."""
+    return len(shape) <= len(target) and all(
+        m in (1, t) for m, t in zip(reversed(tuple(shape)), reversed(tuple(target)), strict=False)
+    )
 
 
 def check_key_lengths(lengths, q: torch.Tensor, batch: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from quantattn.api import sageattn
 from quantattn.config import QuantConfig
-from quantattn.validation import ACCEPTED_DTYPES, MAX_HEAD_DIM
+from quantattn.validation import ACCEPTED_DTYPES, MAX_HEAD_DIM, broadcasts_to
 
 logger = logging.getLogger("quantattn")
 
@@ -131,9 +131,7 @@ def _why_not_mask(query, key, attn_mask, is_causal) -> str | None:
     if torch.is_grad_enabled() and attn_mask.requires_grad:
         return "attn_mask requires grad"
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-    if attn_mask.dim() > 4 or any(
-        m not in (1, s) for m, s in zip(reversed(attn_mask.shape), reversed(shape), strict=False)
-    ):
+    if not broadcasts_to(attn_mask.shape, shape):
         return "attn_mask does not broadcast to [B, Hq, Nq, Nk]"
     return None
 

@@ -25,23 +25,8 @@ SPLIT_BLOCK = 16  # splits the merge kernel reads per step
 APPEND_WARPS = 4
 
 
-def _int_facts(a: int) -> tuple:
-    """What Triton specializes an integer argument on: equal to 1, divisible by 16, its integer type."""
-    return (a == 1, a % 16 == 0, -(2**31) <= a < 2**31, 0 <= a < 2**64)
-
-
 class DecodeLaunch(CachedLaunch):
-    """CachedLaunch keyed by what Triton specializes integers on rather than their values: the cache
-    length and positions change every decode step, and keying on them would miss (and grow the table)
-    at every step."""
-
-    @staticmethod
-    def signature(args, constexprs: dict, num_warps: int, num_stages: int) -> tuple:
-        spec = tuple(
-            _int_facts(a) if type(a) is int else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else None
-            for a in args
-        )
-        return args[0].device.index, spec, tuple(constexprs.values()), num_warps, num_stages
+    """CachedLaunch that compiles without FP fusion."""
 
     def __call__(self, grid, args, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
         # No FMA contraction (a compile option, passed with the constexprs; the interpreter ignores it):

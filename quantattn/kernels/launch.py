@@ -71,15 +71,23 @@ def head_dim_slabs(d: int) -> tuple[int, int]:
     return (main, tail) if main + tail < padded else (padded, 0)
 
 
+def _int_facts(a: int) -> tuple:
+    """What Triton specializes an integer argument on: equal to 1, divisible by 16, its integer type."""
+    return (a == 1, a % 16 == 0, -(2**31) <= a < 2**31, 0 <= a < 2**64)
+
+
 class CachedLaunch:
     """`kernel[grid](*args, **constexprs)`, with Triton's per-call argument binding skipped for
     argument signatures it has already compiled.
 
     Triton binds and specializes every argument on each launch, which costs tens of microseconds for
     the attention kernel's ~50 arguments: more than the kernel itself on short sequences. The facts
-    Triton specializes on are the integers' values (equal to 1, divisible by 16, 32 or 64 bits), the
-    tensors' dtypes and 16-byte alignment, and the constexprs; a signature made of exactly those
-    finds the compiled kernel of an earlier call, which is launched directly on the current stream.
+    Triton specializes on are the integers' properties (equal to 1, divisible by 16, 32 or 64 bits:
+    `_int_facts`, not their values), the tensors' dtypes and 16-byte alignment, and the constexprs; a
+    signature made of exactly those finds the compiled kernel of an earlier call, which is launched
+    directly on the current stream. Keying on the properties rather than the values keeps a call with a
+    new sequence length (every decode step, every new prompt length) on the direct path, and the table
+    as small as the set of compiled kernels.
     QUANTATTN_DIRECT_LAUNCH=0 turns this off (every launch goes through Triton's front door).
     """
 
@@ -94,9 +102,10 @@ class CachedLaunch:
 
     @staticmethod
     def signature(args, constexprs: dict, num_warps: int, num_stages: int) -> tuple:
-        # dtype and alignment of tensors, exact integers; floats are never specialized
+        # what Triton specializes integers on, dtype and alignment of tensors; floats are never specialized
         spec = tuple(
-            a if type(a) is int else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else None for a in args
+            _int_facts(a) if type(a) is int else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else None
+            for a in args
         )
         return args[0].device.index, spec, tuple(constexprs.values()), num_warps, num_stages
 
