@@ -102,7 +102,7 @@ def sageattn(
     multiple of Hkv (grouped-query attention). float16 or bfloat16; head_dim 1..256. Causal masking is
     bottom-right aligned when Nq != Nk (query i sees keys j <= i + Nk - Nq; rows that see no key give 0).
     Options: qk_quant_dtype ("int8", "int4"), qk_quant_gran, pv_dtype ("fp8", "fp16", "bf16"),
-    pv_accum_dtype, smooth_k, smooth_q, smooth_v, or a whole `config`; backend "auto", "triton", "reference".
+    pv_accum_dtype, smooth_k, smooth_q, smooth_v, or a whole `config`; backend "auto", "hopper", "triton", "reference".
     attn_mask: SDPA's forms, always [B, Hq, Nq, Nk] order (whatever the layout) or broadcastable to it:
     bool (True attends) or float16/bfloat16/float32 added to the scores; combined with is_causal when both
     are given. key_lengths: int tensor [B], batch entry b attends to its first key_lengths[b] keys only

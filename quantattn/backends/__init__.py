@@ -149,7 +149,35 @@ class TritonBackend:
         sage_forward(call)
 
 
-BACKENDS = {"triton": TritonBackend(), "reference": ReferenceBackend()}
+class HopperBackend:
+    """The native CUDA kernel for sm_90 (quantattn/hopper): the default variant, dense calls, head_dim
+    64 or 128, no attention mask. Optional: refused wherever it is not built or not on a Hopper GPU."""
+
+    name = "hopper"
+
+    def reasons(self, call: AttentionCall) -> list[str]:
+        if call.q.device.type != "cuda":
+            return [f"needs CUDA tensors (got {call.q.device.type})"]
+        from quantattn import hopper
+
+        reason = hopper.unavailable_reason(call.q.device)
+        if reason is not None:
+            return [reason]
+        from quantattn.hopper.launch import config_reasons, tensor_reasons
+
+        reasons = config_reasons(call.cfg) + tensor_reasons(call.q, call.k, call.v, call.out)
+        if call.is_varlen or call.attn_mask is not None or call.key_lengths is not None:
+            reasons.append("the Hopper kernel runs dense calls without attention masks or key lengths")
+        return reasons
+
+    def forward(self, call: AttentionCall) -> None:
+        from quantattn.hopper.launch import forward
+
+        forward(call)
+
+
+BACKENDS = {"hopper": HopperBackend(), "triton": TritonBackend(), "reference": ReferenceBackend()}
+AUTO_ORDER = ("hopper", "triton")
 
 
 def select_backend(call: AttentionCall, requested: str):
@@ -164,7 +192,7 @@ def select_backend(call: AttentionCall, requested: str):
     if call.q.device.type == "cpu":
         return BACKENDS["reference"]
     refusals = []
-    for name in ("triton",):
+    for name in AUTO_ORDER:
         reasons = BACKENDS[name].reasons(call)
         if not reasons:
             return BACKENDS[name]
@@ -175,4 +203,12 @@ def select_backend(call: AttentionCall, requested: str):
     )
 
 
-__all__ = ["AttentionCall", "BACKENDS", "ReferenceBackend", "TritonBackend", "device_capability", "select_backend"]
+__all__ = [
+    "AttentionCall",
+    "BACKENDS",
+    "HopperBackend",
+    "ReferenceBackend",
+    "TritonBackend",
+    "device_capability",
+    "select_backend",
+]

@@ -1,10 +1,11 @@
 """`python -m quantattn.bench`: BENCHMARK.md's protocol in one run (needs a CUDA GPU).
 
-Every quantattn variant (whole call and kernel only), torch SDPA with the cuDNN and the flash backend,
-and the official `sageattention` package where it is installed; TOPS per (head_dim, causal, N), and
-cosine / relative L1 against FP64 attention next to them. Writes <out>/<date>_<tag>.json (every number
-and the run's metadata) and a .png chart drawn from it; `--from-json` redraws table and chart from saved
-results, on any machine, merging several files into one.
+Every quantattn variant on the Triton kernels (whole call and kernel only), the default variant on the
+native Hopper kernel (sage2-8b-hopper, where quantattn.hopper runs: sm_90), torch SDPA with the cuDNN and
+the flash backend, and the official `sageattention` package where it is installed; TOPS per (head_dim,
+causal, N), and cosine / relative L1 against FP64 attention next to them. Writes <out>/<date>_<tag>.json
+(every number and the run's metadata) and a .png chart drawn from it; `--from-json` redraws table and
+chart from saved results, on any machine, merging several files into one.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def _implementations(text: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m quantattn.bench",
-        description="Speed (TOPS, whole call and kernel only) and accuracy of quantattn's variants next to torch "
-        "SDPA (cuDNN, flash) and the official SageAttention, by the protocol of BENCHMARK.md. Needs a CUDA GPU, "
-        "except with --from-json.",
+        description="Speed (TOPS, whole call and kernel only) and accuracy of quantattn's variants (Triton kernels, "
+        "and the native Hopper kernel where it runs) next to torch SDPA (cuDNN, flash) and the official "
+        "SageAttention, by the protocol of BENCHMARK.md. Needs a CUDA GPU, except with --from-json.",
         epilog="Protocol defaults: bf16, HND, B=4, H=32, head_dim 64 128, N 1K..32K, causal off and on; CUDA-event "
         f"timing, {timing.WARMUPS} warm-ups after a compile call, median of >= {timing.MIN_REPEATS} repeats. "
         "--quick: head_dim 128, N 1K 4K 16K, causal off.",
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_NO_GPU
     settings = settings_from(args)
-    impls = build(chosen_names(args))
+    impls = build(chosen_names(args), device=settings.device)
     date = dt.datetime.now().astimezone()
     tag = default_tag(args)
     meta = collect_metadata(argv, settings, tag, date)
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for impl in impls:
         state = "" if impl.available else f"  -- NOT RUN: {impl.unavailable}"
-        print(f"  {impl.name:<14} {impl.description}{state}")
+        print(f"  {impl.name:<15} {impl.description}{state}")
     print(f"results: {json_path}", flush=True)
 
     result = report.new_result(meta, {impl.name: impl.as_dict() for impl in impls})

@@ -1,10 +1,13 @@
 """The implementations one run compares, each with a whole-call function and, where it has one, a
 kernel-only function on pre-quantized inputs.
 
-quantattn's variants (quantattn.config.VARIANTS) time the whole `sageattn` call and the attention kernel
-alone; torch SDPA (cuDNN and flash backends, bf16) has no quantization, so its whole call is its kernel;
-the official `sageattention` package is timed as a whole call when it is importable (its kernel-only
-entry points are internal and change between its versions).
+quantattn's variants (quantattn.config.VARIANTS) run the Triton kernels (backend="triton", so that the
+rows stay the Triton path when backend="auto" would pick another one) and time the whole `sageattn` call
+and the attention kernel alone; "sage2-8b-hopper" is the default variant on the native sm_90 kernel
+(quantattn.hopper), whole call and kernel alone, reported unavailable where that backend cannot run;
+torch SDPA (cuDNN and flash backends, bf16) has no quantization, so its whole call is its kernel; the
+official `sageattention` package is timed as a whole call when it is importable (its kernel-only entry
+points are internal and change between its versions).
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import torch
 from quantattn.config import VARIANTS, QuantConfig
 
 SDPA_NAMES = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION"}
+HOPPER = "sage2-8b-hopper"
+HOPPER_VARIANT = "sage2-8b"  # the one variant the native Hopper kernel computes
+HOPPER_HEAD_DIMS = (64, 128)  # its head dims, where quantattn.hopper.launch does not say
 OFFICIAL = "official"
-ALL_NAMES = (*VARIANTS, *SDPA_NAMES, OFFICIAL)
+ALL_NAMES = (*VARIANTS, HOPPER, *SDPA_NAMES, OFFICIAL)
 
 Whole = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 # prepare(q, k, v, causal) -> (fn, args): fn(*args) runs the kernel alone; prepare runs outside the timing.
@@ -35,11 +41,15 @@ class Implementation:
     prepare_kernel: PrepareKernel | None = None
     config: QuantConfig | None = None
     unavailable: str | None = None  # why it cannot run here (then whole is None)
+    head_dims: tuple[int, ...] | None = None  # the head dims it runs (None: any); others are left out
     extra: dict = field(default_factory=dict)
 
     @property
     def available(self) -> bool:
         return self.unavailable is None
+
+    def runs(self, head_dim: int) -> bool:
+        return self.head_dims is None or head_dim in self.head_dims
 
     def as_dict(self) -> dict:
         return {
@@ -49,6 +59,7 @@ class Implementation:
             "available": self.available,
             "unavailable": self.unavailable,
             "kernel_only": self.prepare_kernel is not None,
+            **({"head_dims": list(self.head_dims)} if self.head_dims is not None else {}),
             **self.extra,
         }
 
@@ -57,7 +68,9 @@ def quantattn_impl(name: str, cfg: QuantConfig) -> Implementation:
     import quantattn
 
     def whole(q, k, v, causal):
-        return quantattn.sageattn(q, k, v, tensor_layout="HND", is_causal=causal, config=cfg)
+        # CPU tensors (--device cpu) keep backend="auto", the reference
+        backend = "triton" if q.is_cuda else "auto"
+        return quantattn.sageattn(q, k, v, tensor_layout="HND", is_causal=causal, config=cfg, backend=backend)
 
     def prepare_kernel(q, k, v, causal):
         from quantattn.kernels import launch
@@ -72,7 +85,59 @@ def quantattn_impl(name: str, cfg: QuantConfig) -> Implementation:
 
         return kernel, (q, kv, out, k)
 
-    return Implementation(name, "quantattn", f"quantattn {name} ({cfg.name})", whole, prepare_kernel, config=cfg)
+    return Implementation(
+        name, "quantattn", f"quantattn {name} ({cfg.name}), Triton", whole, prepare_kernel, config=cfg,
+        extra={"backend": "triton"},
+    )  # fmt: skip
+
+
+def hopper_unavailable(device: str = "cuda") -> str | None:
+    """Why the native Hopper backend cannot run in this benchmark (None when it can)."""
+    if device != "cuda":
+        return "runs on CUDA tensors only (this run is --device cpu)"
+    try:
+        from quantattn import hopper
+
+        if hopper.available():
+            return None
+        return hopper.unavailable_reason() or "quantattn.hopper.available() is False"
+    except Exception as exc:  # noqa: BLE001  an optional backend: a failure to import or load means not here
+        return f"quantattn.hopper cannot be loaded ({type(exc).__name__}: {exc})"
+
+
+def hopper_impl(device: str = "cuda") -> Implementation:
+    """The default variant on the native sm_90 kernel: the whole call with backend="hopper", and the kernel
+    alone on K/V quantized by quantattn.hopper.launch.preprocess (in the layout the kernel reads)."""
+    import quantattn
+
+    cfg = VARIANTS[HOPPER_VARIANT]
+    description = f"quantattn {HOPPER_VARIANT} ({cfg.name}), native CUDA kernel for sm_90 (quantattn.hopper)"
+    extra = {"backend": "hopper"}
+    reason = hopper_unavailable(device)
+    if reason is not None:
+        return Implementation(HOPPER, "quantattn", description, config=cfg, unavailable=reason, extra=extra)
+    from quantattn.hopper import launch
+
+    head_dims = tuple(getattr(launch, "HEAD_DIMS", HOPPER_HEAD_DIMS))
+    description += f", head_dim {' and '.join(map(str, head_dims))}"
+
+    def whole(q, k, v, causal):
+        return quantattn.sageattn(q, k, v, tensor_layout="HND", is_causal=causal, config=cfg, backend="hopper")
+
+    def prepare_kernel(q, k, v, causal):
+        kv = launch.preprocess(k, v, cfg)
+        out = torch.empty_like(q)
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+
+        def kernel(q, kv, out):
+            launch.attention(q, kv, causal, sm_scale, out)
+            return out
+
+        return kernel, (q, kv, out)
+
+    return Implementation(
+        HOPPER, "quantattn", description, whole, prepare_kernel, config=cfg, head_dims=head_dims, extra=extra
+    )
 
 
 def sdpa_impl(name: str) -> Implementation:
@@ -119,8 +184,9 @@ def official_impl() -> Implementation:
     return Implementation(OFFICIAL, "official", description, whole, extra={"version": version})
 
 
-def build(names) -> list[Implementation]:
-    """Implementations in the canonical order (quantattn variants, SDPA, official), unavailable ones too."""
+def build(names, device: str = "cuda") -> list[Implementation]:
+    """Implementations in the canonical order (quantattn variants, the Hopper kernel, SDPA, official),
+    unavailable ones too; device is the one the run's tensors are on."""
     unknown = sorted(set(names) - set(ALL_NAMES))
     if unknown:
         raise ValueError(f"unknown implementation(s) {', '.join(unknown)}; choose from {', '.join(ALL_NAMES)}")
@@ -130,6 +196,8 @@ def build(names) -> list[Implementation]:
             continue
         if name in VARIANTS:
             impls.append(quantattn_impl(name, VARIANTS[name]))
+        elif name == HOPPER:
+            impls.append(hopper_impl(device))
         elif name in SDPA_NAMES:
             impls.append(sdpa_impl(name))
         else:

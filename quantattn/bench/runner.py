@@ -90,13 +90,18 @@ class Runner:
         return message
 
     # --------------------------------------------------------------------------------------------
+    def impls_for(self, head_dim: int) -> list[Implementation]:
+        """The implementations that run this head dim (the others are left out of its cases)."""
+        return [i for i in self.impls if i.runs(head_dim)]
+
+    # --------------------------------------------------------------------------------------------
     def accuracy(self, head_dim: int, causal: bool) -> None:
         shape = [C.ACCURACY_BATCH, C.ACCURACY_HEADS, self.s.accuracy_seq_len, head_dim]
         for kind in C.INPUT_KINDS:
             q, k, v = make_qkv(*shape, device=self.s.device, outliers=kind == "outliers", seed=0)
             ref = attention_fp64(q, k, v, is_causal=causal)
             summary = []
-            for impl in self.impls:
+            for impl in self.impls_for(head_dim):
                 rec = {
                     "head_dim": head_dim, "causal": causal, "implementation": impl.name,
                     "inputs": kind, "shape": shape,
@@ -115,15 +120,16 @@ class Runner:
 
     # --------------------------------------------------------------------------------------------
     def speed_group(self, group: list[C.Case]) -> None:
+        impls = self.impls_for(group[0].head_dim)
         if self._time_is_up():
             for case in group:
-                for impl in self.impls:
+                for impl in impls:
                     self._skip(case, impl, 0)
             return
         sets = self._input_sets(group[0])
         try:
             for case in group:
-                for impl in self.impls:
+                for impl in impls:
                     self.speed_case(case, impl, sets)
         finally:
             del sets
@@ -194,7 +200,7 @@ class Runner:
             self.result["speed"].append(rec)
         self._log(
             f"d={case.head_dim} causal {C.causal_label(case.causal):3} N={C.format_seq_len(case.seq_len):>4} "
-            f"{impl.name:<14} " + "  ".join(cells) + " TOPS"
+            f"{impl.name:<15} " + "  ".join(cells) + " TOPS"
         )
 
 

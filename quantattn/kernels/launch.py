@@ -206,18 +206,29 @@ def _check_strides(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences) -> QuantizedKV:
-    """Smooth and quantize K (and V, for FP8 PV or smooth V) in one launch."""
+def preprocess_kv(
+    k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences, wgmma_order: bool = False
+) -> QuantizedKV:
+    """Smooth and quantize K (and V, for FP8 PV or smooth V) in one launch.
+
+    wgmma_order (dense FP8 PV only): the layout the Hopper backend reads through TMA: V^T's keys
+    permuted inside each 32-key chunk (zeros up to a multiple of 32) and k_scale rows of a multiple of 4
+    floats (TMA wants 16-byte row strides)."""
     k, v = _check_strides(k), _check_strides(v)
     b, h, n, d = k.shape
     d_pad = head_dim_pad(d)
     heads = seqs.count * h
     need_v_stats = cfg.is_fp8_pv or cfg.smooth_v
+    assert not wgmma_order or (cfg.is_fp8_pv and not seqs.is_varlen)
     stats = torch.empty(2, 3, seqs.count, h, d, dtype=torch.float32, device=k.device)
     kq = torch.empty(b, h, n, d, dtype=torch.int8, device=k.device)
-    k_scale = torch.empty(b, h, n, dtype=torch.float32, device=k.device)
+    if wgmma_order:
+        k_scale = torch.empty(b, h, cdiv(max(n, 1), 4) * 4, dtype=torch.float32, device=k.device)[:, :, :n]
+    else:
+        k_scale = torch.empty(b, h, n, dtype=torch.float32, device=k.device)
     if cfg.is_fp8_pv:
-        n_pad = cdiv(max(n, 1), 16) * 16  # 16-byte aligned rows of the transposed V
+        # 16-byte aligned rows of the transposed V; whole 32-key chunks for the Hopper order
+        n_pad = cdiv(max(n, 1), 32 if wgmma_order else 16) * (32 if wgmma_order else 16)
         vq = torch.empty(b, h, d, n_pad, dtype=torch.float8_e4m3fn, device=k.device)
         v_mode, vq_strides = 1, (vq.stride(0), vq.stride(1), 1, vq.stride(2))
     elif cfg.smooth_v:
@@ -250,6 +261,7 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequ
             V_STATS=need_v_stats, V_MODE=v_mode, SMOOTH_V=cfg.smooth_v,
             V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0, EXACT_CASTS=exact_casts(k.device),
             HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen, LENGTHS=seqs.has_lengths,
+            V_WGMMA_ORDER=wgmma_order,
         )  # fmt: skip
         launch_preprocess_kv(((heads + lag) * n_chunks,), args, constexprs, num_warps=PREPROCESS_WARPS, num_stages=1)
     k_stats, v_stats = (tuple(t.unbind(0)) for t in stats.unbind(0))

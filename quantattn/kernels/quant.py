@@ -173,10 +173,16 @@ def _quantize_k(k, first, local, rmask, mask, cmask, b, h, stat, K_MEAN, K_MAX, 
 
 @triton.jit
 def _quantize_v(v, first, local, mask, cmask, b, h, stat, V_MEAN, V_MAX, V_MIN,
-                VQ, stride_ob, stride_oh, stride_on, stride_od, cols,
-                V_MODE: tl.constexpr, SMOOTH_V: tl.constexpr, V_RANGE: tl.constexpr, EXACT_CASTS: tl.constexpr):  # fmt: skip
+                VQ, stride_ob, stride_oh, stride_on, stride_od, cols, store_mask,
+                V_MODE: tl.constexpr, SMOOTH_V: tl.constexpr, V_RANGE: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                V_WGMMA_ORDER: tl.constexpr):  # fmt: skip
     """V block -> FP8 with one scale per channel (V_MODE 1, stored transposed [d, N] as the FP8 MMA
-    wants it) or V - mean in the PV dtype (V_MODE 2)."""
+    wants it) or V - mean in the PV dtype (V_MODE 2).
+
+    V_WGMMA_ORDER (V_MODE 1, blocks starting at a multiple of 32 keys): inside each 32-key chunk, key
+    16h + 8a + 2t + b goes to column 16h + 4t + 2a + b, the order in which the Hopper kernel's QK
+    accumulator holds P (reference: quantattn.hopper.layout.wgmma_key_order); store_mask then also
+    covers the zeroed padding keys up to the next multiple of 32."""
     v = v.to(tl.float32)
     v_mean = tl.load(V_MEAN + stat, mask=cmask, other=0.0, cache_modifier=".cg")
     if SMOOTH_V:
@@ -189,7 +195,9 @@ def _quantize_v(v, first, local, mask, cmask, b, h, stat, V_MEAN, V_MAX, V_MIN,
     else:
         vq = cast(v, VQ.dtype.element_ty, EXACT_CASTS)
     out = VQ + (b * stride_ob + h * stride_oh + first * stride_on)
-    tl.store(out + (local[:, None] * stride_on + cols[None, :] * stride_od), vq, mask=mask)
+    if V_WGMMA_ORDER:
+        local = (local & ~31) + (local & 16) + 4 * ((local >> 1) & 3) + 2 * ((local >> 3) & 1) + (local & 1)
+    tl.store(out + (local[:, None] * stride_on + cols[None, :] * stride_od), vq, mask=store_mask)
 
 
 @triton.jit
@@ -205,7 +213,7 @@ def preprocess_kv_kernel(
     GRAN: tl.constexpr, QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_MODE: tl.constexpr, SMOOTH_V: tl.constexpr, V_RANGE: tl.constexpr,
     EXACT_CASTS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, LENGTHS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, LENGTHS: tl.constexpr, V_WGMMA_ORDER: tl.constexpr,
 ):  # fmt: skip
     """Smooth and quantize K (and V) of every (sequence, kv head) in one launch.
 
@@ -291,7 +299,10 @@ def preprocess_kv_kernel(
                         KQ, stride_qb, stride_qh, stride_qn, K_SCALE, stride_sb, stride_sh, cols,
                         GRAN, QMAX, SMOOTH_K, BLOCK_N, D_PAD)  # fmt: skip
             if V_MODE != 0:
+                vstore = mask
+                if V_WGMMA_ORDER:  # padding keys up to a multiple of 32 are written as zeros
+                    vstore = (row0 + i * BLOCK_N + local < (n + 31) // 32 * 32)[:, None] & cmask[None, :]
                 v = _load_rows(V, b64, h64, stride_vb, stride_vh, stride_vn, first, local, cols, mask)
                 _quantize_v(v, first, local, mask, cmask, b64, h64, stat, STATS + 3 * plane, STATS + 4 * plane,
-                            STATS + 5 * plane, VQ, stride_ob, stride_oh, stride_on, stride_od, cols,
-                            V_MODE, SMOOTH_V, V_RANGE, EXACT_CASTS)  # fmt: skip
+                            STATS + 5 * plane, VQ, stride_ob, stride_oh, stride_on, stride_od, cols, vstore,
+                            V_MODE, SMOOTH_V, V_RANGE, EXACT_CASTS, V_WGMMA_ORDER)  # fmt: skip

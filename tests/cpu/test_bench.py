@@ -92,7 +92,9 @@ def test_quick_settings_and_explicit_options_win():
 def test_variant_selection():
     args = cli.parser().parse_args(["--variants", "sage2-8b,sdpa-cudnn", "official"])
     assert cli.chosen_names(args) == ["sage2-8b", "sdpa-cudnn", "official"]
-    assert cli.chosen_names(cli.parser().parse_args([])) == [*VARIANTS, "sdpa-cudnn", "sdpa-flash", "official"]
+    assert cli.chosen_names(cli.parser().parse_args([])) == [
+        *VARIANTS, "sage2-8b-hopper", "sdpa-cudnn", "sdpa-flash", "official"
+    ]  # fmt: skip
     with pytest.raises(SystemExit):
         cli.parser().parse_args(["--variants", "sage3"])
     with pytest.raises(SystemExit):
@@ -113,6 +115,46 @@ def test_implementations_in_canonical_order_with_reasons():
         assert not official.available and "not installed" in official.unavailable
     with pytest.raises(ValueError, match="unknown implementation"):
         impls.build(["sage3"])
+
+
+def test_hopper_row_next_to_the_triton_row():
+    """sage2-8b is the Triton path explicitly; sage2-8b-hopper, the native kernel, is its own row, listed
+    with the reason wherever it cannot run (always with --device cpu; without a GPU on any device)."""
+    triton, hopper = impls.build(["sage2-8b-hopper", "sage2-8b"])
+    assert (triton.name, hopper.name) == ("sage2-8b", impls.HOPPER)
+    assert triton.as_dict()["backend"] == "triton" and hopper.as_dict()["backend"] == "hopper"
+    assert hopper.config == VARIANTS["sage2-8b"] and hopper.kind == "quantattn"
+    (on_cpu,) = impls.build([impls.HOPPER], device="cpu")
+    assert not on_cpu.available and "--device cpu" in on_cpu.unavailable and on_cpu.whole is None
+    if not torch.cuda.is_available():
+        assert not hopper.available and hopper.unavailable.strip()
+        info = hopper.as_dict()
+        assert info["available"] is False and info["unavailable"] == hopper.unavailable
+    if hopper.available:
+        assert hopper.whole is not None and hopper.prepare_kernel is not None and hopper.head_dims
+
+
+def test_implementations_run_only_their_head_dims():
+    """An implementation limited to some head dims (the Hopper kernel: 64 and 128) is left out of the
+    others' cases, accuracy and speed, instead of failing there."""
+    from quantattn.bench.runner import Runner, Settings
+
+    def whole(q, k, v, causal):
+        return v
+
+    every = impls.Implementation("every", "sdpa", "any head dim", whole)
+    only64 = impls.Implementation("only64", "sdpa", "head_dim 64 only", whole, head_dims=(64,))
+    assert only64.as_dict()["head_dims"] == [64] and "head_dims" not in every.as_dict()
+    settings = Settings(
+        head_dims=(32, 64), seq_lens=(64,), causals=(False,), batch=1, heads=1, accuracy_seq_len=64,
+        warmups=0, min_repeats=1, max_repeats=1, target_s=0.0, device="cpu",
+    )  # fmt: skip
+    result = report.new_result({}, {i.name: i.as_dict() for i in (every, only64)})
+    Runner(settings, [every, only64], result, lambda: None).run()
+    for part in ("speed", "accuracy"):
+        seen = {(r["implementation"], r["head_dim"]) for r in result[part]}
+        assert seen == {("every", 32), ("every", 64), ("only64", 64)}, part
+    assert not any("error" in r for r in result["speed"] + result["accuracy"])
 
 
 def test_no_gpu_exits_nonzero_with_a_message(monkeypatch, capsys):
@@ -295,7 +337,7 @@ def test_cpu_selftest_end_to_end(tmp_path):
     argv = [
         sys.executable, "-m", "quantattn.bench", "--device", "cpu", "--batch", "1", "--heads", "1",
         "--head-dims", "32", "--seq-lens", "64", "--causal", "both", "--accuracy-seq-len", "64",
-        "--variants", "sage2-8b", "sdpa-cudnn", "official", "--warmups", "1", "--repeats", "2",
+        "--variants", "sage2-8b", "sage2-8b-hopper", "sdpa-cudnn", "official", "--warmups", "1", "--repeats", "2",
         "--out", str(tmp_path), "--tag", "selftest",
     ]  # fmt: skip
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -306,6 +348,10 @@ def test_cpu_selftest_end_to_end(tmp_path):
     assert meta["command"].startswith("python -m quantattn.bench --device cpu")
     assert len(meta["source_sha256"]) == 16 and meta["torch"] == torch.__version__
     assert "not installed" in proc.stdout or result["implementations"]["official"]["available"]
+    hopper = result["implementations"]["sage2-8b-hopper"]
+    assert not hopper["available"] and "--device cpu" in hopper["unavailable"]
+    assert f"sage2-8b-hopper: {hopper['unavailable']}" in proc.stdout  # the table lists why it did not run
+    assert not any(r["implementation"] == "sage2-8b-hopper" for r in result["speed"] + result["accuracy"])
     speed = {(r["implementation"], r["timing"], r["causal"]): r for r in result["speed"]}
     for causal in (False, True):
         assert speed[("sage2-8b", "whole", causal)]["tops"] > 0

@@ -1,0 +1,90 @@
+"""The native Hopper backend: a CUDA C++ attention kernel (wgmma, TMA, warp-specialized) for sm_90.
+
+Optional: it needs an H100/H200-class GPU and a CUDA compiler (nvcc) the first time (see build.py);
+everything else runs the Triton kernels. QUANTATTN_HOPPER=0 keeps backend="auto" off it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+_ARGTYPES = (
+    [ctypes.c_void_p] + [ctypes.c_int64] * 3  # q and its strides
+    + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]  # K, k_scale, V^T
+    + [ctypes.c_void_p] * 3  # k_mean, v_max, v_min
+    + [ctypes.c_void_p] + [ctypes.c_int64] * 3  # out
+    + [ctypes.c_void_p] + [ctypes.c_int64] * 2  # lse
+    + [ctypes.c_int] * 8  # batch, hq, hkv, nq, nk, head_dim, is_bf16, causal
+    + [ctypes.c_float] * 2  # qk_scale, sm_scale
+    + [ctypes.c_void_p]  # stream
+)  # fmt: skip
+
+ERRORS = {
+    -1: "the CUDA driver has no cuTensorMapEncodeTiled",
+    -2: "a TMA tensor map was refused (alignment or strides)",
+    -3: "the kernel's shared-memory size was refused",
+    -4: "the kernel launch failed",
+    -5: "unsupported arguments",
+}
+
+
+class _State:
+    lib = None
+    reason: str | None = None
+
+
+@functools.cache
+def _load() -> _State:
+    state = _State()
+    try:
+        from quantattn.hopper.build import library_path
+
+        path = library_path(build=True)
+        if path is None:
+            state.reason = "the Hopper kernel is not built and no CUDA compiler (nvcc) was found"
+            return state
+        lib = ctypes.CDLL(str(path))
+        fn = lib.quantattn_hopper_attention
+        fn.argtypes = _ARGTYPES
+        fn.restype = ctypes.c_int
+        state.lib = fn
+    except (OSError, RuntimeError) as exc:
+        state.reason = f"the Hopper kernel could not be built or loaded: {exc}"
+    return state
+
+
+@functools.cache
+def _device_reason(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) != (9, 0):
+        return f"needs compute capability 9.0 (H100/H200), this GPU has {major}.{minor}"
+    return None
+
+
+def unavailable_reason(device: torch.device | None = None) -> str | None:
+    """Why the Hopper backend cannot run here (None when it can)."""
+    if os.environ.get("QUANTATTN_HOPPER", "1") == "0":
+        return "QUANTATTN_HOPPER=0"
+    if not torch.cuda.is_available():
+        return "needs an NVIDIA GPU (CUDA is not available)"
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    reason = _device_reason(index)
+    if reason is not None:
+        return reason
+    return _load().reason
+
+
+def available(device: torch.device | None = None) -> bool:
+    return unavailable_reason(device) is None
+
+
+def kernel():
+    """The ctypes function of the attention kernel (loads or builds the library)."""
+    state = _load()
+    if state.lib is None:
+        raise RuntimeError(state.reason)
+    return state.lib

@@ -1,0 +1,614 @@
+// SageAttention2 (INT8 QK^T, FP8 PV, two-level accumulation) for Hopper (sm_90a): TMA loads into a
+// ring of shared-memory stages, wgmma for both products, one producer warpgroup and two consumer
+// warpgroups of 64 query rows each.
+//
+// Numerics are those of quantattn.reference with the default config (qk per_token INT8, FP8 PV with a
+// fresh FP32 accumulator per 128-key step, P scaled by 448, V per channel), as the Triton kernel:
+//   Q is quantized here, in registers, one scale per row; K arrives as INT8 with one scale per key;
+//   V arrives as FP8, transposed ([d, keys]) and with its keys permuted inside each 32-key chunk so that
+//   the QK accumulator's registers are, as they stand, the A operand of the PV product (see
+//   quantattn/hopper/layout.py: wgmma_key_order).
+//
+// Built by quantattn/hopper/build.py into a shared library loaded with ctypes (no PyTorch headers).
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "wgmma.cuh"
+
+namespace quantattn_hopper {
+
+constexpr int BLOCK_N = 128;     // keys per online-softmax step (config.KV_BLOCK)
+constexpr int WG_ROWS = 64;      // query rows per consumer warpgroup (one wgmma M)
+constexpr int CONSUMERS = 2;     // consumer warpgroups per CTA
+constexpr int BLOCK_M = WG_ROWS * CONSUMERS;
+constexpr int THREADS = 128 * (CONSUMERS + 1);
+#ifndef QA_STAGES
+#define QA_STAGES 4
+#endif
+constexpr int STAGES = QA_STAGES;
+constexpr float QMAX = 127.0f;
+constexpr float P_SCALE = 448.0f;
+constexpr float LOG2_P_SCALE = 8.807354922057604f;  // P is scaled inside the exponent: exp2(x + log2 448)
+constexpr float V_RANGE = 448.0f;
+constexpr float AMAX_FLOOR = 1e-30f;
+
+struct Params {
+  CUtensorMap tm_k;   // int8 K [B*Hkv][Nk][D]
+  CUtensorMap tm_v;   // fp8 V^T [B*Hkv][D][n_pad], keys permuted per 32-key chunk
+  CUtensorMap tm_ks;  // fp32 k_scale [B*Hkv][ks_stride]
+  const void* q;
+  int64_t q_sb, q_sh, q_sm;  // element strides; channel stride 1
+  void* o;
+  int64_t o_sb, o_sh, o_sm;
+  float* lse;  // [B, Hq, Nq] natural log, or null
+  int64_t l_sb, l_sh;
+  const float* k_mean;  // smooth K's vector [B, Hkv, D] (lse correction), or null
+  const float* v_max;   // V's channel max / min [B, Hkv, D]: its FP8 scale
+  const float* v_min;
+  int hq, hkv, nq, nk;
+  float qk_scale;  // sm_scale * log2(e)
+  float sm_scale;
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra LAB_WAIT;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                            int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];" ::
+          "r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Pin registers an asynchronous wgmma writes: the compiler must not move their uses across the wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(int32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor of a K-major operand tile whose rows are swizzled by TMA
+// (128-byte rows: 128B swizzle, 64-byte rows: 64B swizzle); 8-row groups lie 8 rows apart.
+template <int ROW_BYTES>
+__device__ __forceinline__ uint64_t smem_desc(const void* tile, int byte_offset) {
+  static_assert(ROW_BYTES == 128 || ROW_BYTES == 64, "rows of 64 or 128 bytes");
+  const uint64_t addr = smem_u32(tile) + byte_offset;
+  const uint64_t swizzle = ROW_BYTES == 128 ? 1 : 2;
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t((8 * ROW_BYTES) >> 4) << 32) | (swizzle << 62);
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats -> two E4M3 bytes (round to nearest even, saturating, NaN kept), lo in the low byte.
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t pack_s8x4(int a, int b, int c, int d) {
+  return (uint32_t(a) & 0xFF) | ((uint32_t(b) & 0xFF) << 8) | ((uint32_t(c) & 0xFF) << 16) | (uint32_t(d) << 24);
+}
+
+__device__ __forceinline__ void st_shared_v4(void* dst, const uint32_t (&r)[4]) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(dst)), "r"(r[0]), "r"(r[1]), "r"(r[2]),
+               "r"(r[3])
+               : "memory");
+}
+
+// volatile: a load the compiler may not hoist out of the loop (which would bring back the live range)
+__device__ __forceinline__ void ld_shared_v4(uint32_t (&r)[4], const void* src) {
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(src))
+               : "memory");
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFF, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xFFFFFFFF, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xFFFFFFFF, x, 1);
+  return x + __shfl_xor_sync(0xFFFFFFFF, x, 2);
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T x);
+template <>
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ float to_f32(__half x) {
+  return __half2float(x);
+}
+
+template <typename T>
+struct OutPair;
+template <>
+struct OutPair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static constexpr float MAX = 3.3895313892515355e38f;
+  static __device__ __forceinline__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+template <>
+struct OutPair<__half> {
+  using type = __half2;
+  static constexpr float MAX = 65504.0f;
+  static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+// Finite values clamped to the output dtype's range (P rounded up can put a row past V's range).
+template <typename T>
+__device__ __forceinline__ float saturate(float x) {
+  const float big = OutPair<T>::MAX;
+  return fabsf(x) < INFINITY ? fminf(fmaxf(x, -big), big) : x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared memory
+
+template <int D>
+struct Smem {
+  static constexpr int K_TILE = BLOCK_N * D;  // int8 [keys][D]
+  static constexpr int V_TILE = D * BLOCK_N;  // fp8 [D][keys]
+  alignas(1024) uint8_t k[STAGES][K_TILE];
+  alignas(1024) uint8_t v[STAGES][V_TILE];
+  alignas(128) float ks[STAGES][BLOCK_N];
+  // Q's A-operand registers, parked per thread: ptxas 13.0 reallocated the registers of an A operand
+  // kept live across the loop to P (observed: the second step multiplied P by K), so the QK product
+  // reloads them every step instead of keeping them live
+  uint4 q[D / 32][CONSUMERS * 128];
+  uint64_t full[STAGES];
+  uint64_t empty[STAGES];
+};
+
+// ---------------------------------------------------------------------------------------------
+// Q: 64 rows of one consumer warpgroup, loaded from global memory straight into the A-operand
+// registers of the QK product (thread: rows r and r + 8 of its warp's 16, in each 32-channel step the
+// channels 4t..4t+3 and 16+4t..16+4t+3), quantized with one scale per row.
+
+template <int D, typename T>
+struct QRows {
+  static constexpr int KSTEPS = D / 32;
+  uint32_t a[KSTEPS][4];
+  float scale[2];     // q_scale * qk_scale per row (NaN: the row holds a non-finite element)
+  float dot_kmean[2];  // q . k_mean per row (lse of smooth K)
+
+  __device__ __forceinline__ void load(const Params& p, const T* q_head, int row0, int t, const float* k_mean) {
+    float x[2][KSTEPS][8];
+    float amax[2] = {0.f, 0.f};
+    int bad[2] = {0, 0};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 8 * h;
+      dot_kmean[h] = 0.f;
+#pragma unroll
+      for (int s = 0; s < KSTEPS; ++s) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int col = 32 * s + 16 * half + 4 * t;
+          float v4[4] = {0.f, 0.f, 0.f, 0.f};
+          if (row < p.nq) {
+            const uint2 raw = *reinterpret_cast<const uint2*>(q_head + row * p.q_sm + col);
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v4[i] = to_f32(e[i]);
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (k_mean != nullptr) dot_kmean[h] += v4[i] * k_mean[col + i];
+            const bool finite = fabsf(v4[i]) < INFINITY;
+            bad[h] += finite ? 0 : 1;
+            const float f = finite ? v4[i] : 0.f;
+            amax[h] = fmaxf(amax[h], fabsf(f));
+            x[h][s][4 * half + i] = f;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      amax[h] = fmaxf(quad_max(amax[h]), AMAX_FLOOR);
+      bad[h] = __shfl_xor_sync(0xFFFFFFFF, bad[h], 1) + bad[h];
+      bad[h] = __shfl_xor_sync(0xFFFFFFFF, bad[h], 2) + bad[h];
+      dot_kmean[h] = quad_sum(dot_kmean[h]);
+      const float inv = __fdiv_rn(QMAX, amax[h]);
+      scale[h] = bad[h] == 0 ? __fdiv_rn(amax[h], QMAX) * p.qk_scale : __int_as_float(0x7FC00000);
+#pragma unroll
+      for (int s = 0; s < KSTEPS; ++s) {
+        int qi[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float r = rintf(__fmul_rn(x[h][s][i], inv));
+          qi[i] = static_cast<int>(fminf(fmaxf(r, -QMAX), QMAX));
+        }
+        a[s][h] = pack_s8x4(qi[0], qi[1], qi[2], qi[3]);
+        a[s][2 + h] = pack_s8x4(qi[4], qi[5], qi[6], qi[7]);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The kernel
+
+template <int D, bool CAUSAL, typename T>
+__global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid_constant__ Params p) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  // swizzled TMA tiles want 1024-byte alignment, which the dynamic buffer is not promised
+  const uint32_t misalign = smem_u32(smem_raw) & 1023;
+  Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw + (misalign ? 1024 - misalign : 0));
+
+  const int m_blocks = gridDim.x;
+  // causal: the longest query blocks first, so that the short ones fill the tail of the launch
+  const int m_block = CAUSAL ? m_blocks - 1 - blockIdx.x : blockIdx.x;
+  const int bh = blockIdx.y;
+  const int b = bh / p.hq, h = bh % p.hq;
+  const int kvh = h / (p.hq / p.hkv);
+  const int bh_kv = b * p.hkv + kvh;
+  const int m0 = m_block * BLOCK_M;
+  const int shift = p.nk - p.nq;  // bottom-right causal alignment: row i sees keys j <= i + shift
+  const int key_end = CAUSAL ? min(p.nk, max(m0 + BLOCK_M + shift, 0)) : p.nk;
+  const int n_blocks = (key_end + BLOCK_N - 1) / BLOCK_N;
+
+  const int wg = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&sm.full[s], 1);
+      mbar_init(&sm.empty[s], CONSUMERS * 4);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---- producer: one thread streams K, V^T and the key scales through the stages ----
+#ifndef QA_NO_SETMAXNREG
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+#endif
+    if (threadIdx.x == 0) {
+      constexpr uint32_t STAGE_BYTES = Smem<D>::K_TILE + Smem<D>::V_TILE + BLOCK_N * 4;
+      for (int j = 0; j < n_blocks; ++j) {
+        const int s = j % STAGES;
+        mbar_wait(&sm.empty[s], ((j / STAGES) & 1) ^ 1);
+        mbar_expect_tx(&sm.full[s], STAGE_BYTES);
+        tma_load_3d(sm.k[s], &p.tm_k, &sm.full[s], 0, j * BLOCK_N, bh_kv);
+        tma_load_3d(sm.v[s], &p.tm_v, &sm.full[s], j * BLOCK_N, 0, bh_kv);
+        tma_load_2d(sm.ks[s], &p.tm_ks, &sm.full[s], j * BLOCK_N, bh_kv);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+#ifndef QA_NO_SETMAXNREG
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+#endif
+  const int tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32;
+  const int t = lane % 4;
+  const int row_in_block = (wg - 1) * WG_ROWS + warp * 16 + lane / 4;
+  const int r0 = m0 + row_in_block;  // this thread's rows: r0 and r0 + 8
+  const T* q_head = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const float* k_mean = p.k_mean != nullptr ? p.k_mean + int64_t(bh_kv) * D : nullptr;
+
+  QRows<D, T> q;
+  q.load(p, q_head, r0, t, p.lse != nullptr ? k_mean : nullptr);
+  const int qslot = threadIdx.x - 128;
+#pragma unroll
+  for (int k = 0; k < D / 32; ++k) st_shared_v4(&sm.q[k][qslot], q.a[k]);
+
+  constexpr int ACC = D / 2;  // accumulator registers per thread of a 64 x D product
+  float o[ACC];
+#pragma unroll
+  for (int i = 0; i < ACC; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_part[2] = {0.f, 0.f};  // this thread's share of the row sums (reduced over the quad at the end)
+  // the first key block that some row of this warpgroup cannot fully see (causal), or the tail block
+  const int wg_first_row = m0 + (wg - 1) * WG_ROWS;
+  const int full_blocks_end =
+      CAUSAL ? min(p.nk / BLOCK_N, max(wg_first_row + shift + 1, 0) / BLOCK_N) : p.nk / BLOCK_N;
+
+  for (int j = 0; j < n_blocks; ++j) {
+    const int s = j % STAGES;
+    mbar_wait(&sm.full[s], (j / STAGES) & 1);
+
+    // S = Q K^T (INT8 -> INT32), 64 x 128 per warpgroup
+    int32_t acc_s[64];
+    uint32_t qa[D / 32][4];
+#pragma unroll
+    for (int k = 0; k < D / 32; ++k) ld_shared_v4(qa[k], &sm.q[k][qslot]);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < D / 32; ++k) wgmma_s8_n128(acc_s, qa[k], smem_desc<D>(sm.k[s], 32 * k), k > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc_s);
+
+    // scores in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max)
+    float sc[64];
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const float2 ks = *reinterpret_cast<const float2*>(&sm.ks[s][8 * c + 2 * t]);
+      sc[4 * c + 0] = __int2float_rn(acc_s[4 * c + 0]) * ks.x;
+      sc[4 * c + 1] = __int2float_rn(acc_s[4 * c + 1]) * ks.y;
+      sc[4 * c + 2] = __int2float_rn(acc_s[4 * c + 2]) * ks.x;
+      sc[4 * c + 3] = __int2float_rn(acc_s[4 * c + 3]) * ks.y;
+    }
+    if (j >= full_blocks_end) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {
+        const int key = j * BLOCK_N + 8 * (i / 4) + 2 * t + (i % 2);
+        const int row = r0 + 8 * ((i / 2) % 2);
+        const bool visible = key < p.nk && (!CAUSAL || key <= row + shift);
+        sc[i] = visible ? sc[i] : -INFINITY;
+      }
+    }
+    float alpha[2], m_safe[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int c = 0; c < 16; ++c) mx = fmaxf(mx, fmaxf(sc[4 * c + 2 * hh], sc[4 * c + 2 * hh + 1]));
+      mx = quad_max(mx);
+      const float m_new = fmaxf(m_run[hh], mx * q.scale[hh]);
+      m_safe[hh] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[hh] = ex2(m_run[hh] - m_safe[hh]);
+      m_run[hh] = m_new;
+    }
+    // P = exp2(s * q_scale - m) in [0, 1], scaled by 448 into E4M3, laid out as the A operand of PV
+    uint32_t pa[4][4];
+    float rowsum[2] = {0.f, 0.f};
+    const float m_exp[2] = {LOG2_P_SCALE - m_safe[0], LOG2_P_SCALE - m_safe[1]};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float pv[8];
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int c = 4 * k + cc;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            // 448 * P, whose row sums are 448 * l: the epilogue's division undoes both at once
+            const float pe = ex2(fmaf(sc[4 * c + 2 * hh + e], q.scale[hh], m_exp[hh]));
+            rowsum[hh] += pe;
+            pv[2 * cc + e] = pe;
+          }
+        }
+        pa[k][hh] = e4m3x2(pv[0], pv[1]) | (e4m3x2(pv[2], pv[3]) << 16);
+        pa[k][2 + hh] = e4m3x2(pv[4], pv[5]) | (e4m3x2(pv[6], pv[7]) << 16);
+      }
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) l_part[hh] = l_part[hh] * alpha[hh] + rowsum[hh];
+
+    // fresh = P V (FP8, FP32 accumulator of the tensor cores), then o = o * alpha + fresh in FP32
+    float fresh[ACC];
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (D == 128) {
+        wgmma_e4m3_n128(fresh, pa[k], smem_desc<128>(sm.v[s], 32 * k), k > 0);
+      } else {
+        wgmma_e4m3_n64(fresh, pa[k], smem_desc<128>(sm.v[s], 32 * k), k > 0);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(fresh);
+    if (lane == 0) mbar_arrive(&sm.empty[s]);
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) o[i] = fmaf(o[i], alpha[(i / 2) % 2], fresh[i]);
+  }
+
+  // ---- epilogue: normalize, undo V's scale, store ----
+  float l[2], l_div[2];
+  bool has_keys[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l[hh] = quad_sum(l_part[hh]);
+    has_keys[hh] = l[hh] > 0.f || l[hh] != l[hh];
+    l_div[hh] = l[hh] > 0.f ? l[hh] : 1.f;
+  }
+  const float* vmax = p.v_max + int64_t(bh_kv) * D;
+  const float* vmin = p.v_min + int64_t(bh_kv) * D;
+  T* o_head = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+  for (int c = 0; c < D / 8; ++c) {
+    const int col = 8 * c + 2 * t;
+    float f[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float amax = fmaxf(fmaxf(vmax[col + e], -vmin[col + e]), AMAX_FLOOR);
+      f[e] = __fdiv_rn(amax, V_RANGE);  // l holds 448 * the row sum (P_SCALE in the exponent)
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = r0 + 8 * hh;
+      if (row < p.nq) {
+        float v0 = __fdiv_rn(o[4 * c + 2 * hh], l_div[hh]) * f[0];
+        float v1 = __fdiv_rn(o[4 * c + 2 * hh + 1], l_div[hh]) * f[1];
+        v0 = has_keys[hh] ? saturate<T>(v0) : 0.f;
+        v1 = has_keys[hh] ? saturate<T>(v1) : 0.f;
+        *reinterpret_cast<typename OutPair<T>::type*>(o_head + row * p.o_sm + col) = OutPair<T>::make(v0, v1);
+      }
+    }
+  }
+  if (p.lse != nullptr && t == 0) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = r0 + 8 * hh;
+      if (row < p.nq) {
+        float lse = has_keys[hh] ? (m_run[hh] + log2f(l[hh]) - LOG2_P_SCALE) * 0.6931471805599453f : -INFINITY;
+        if (k_mean != nullptr) lse += q.dot_kmean[hh] * p.sm_scale;
+        p.lse[b * p.l_sb + h * p.l_sh + row] = lse;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+typedef CUresult (*EncodeTiled)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+static EncodeTiled encode_fn() {
+  static EncodeTiled fn = nullptr;
+  if (fn == nullptr) {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) ==
+            cudaSuccess &&
+        status == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeTiled>(ptr);
+  }
+  return fn;
+}
+
+static int encode(CUtensorMap* map, CUtensorMapDataType dtype, int rank, const void* base, const uint64_t* dims,
+                  const uint64_t* strides_bytes, const uint32_t* box, CUtensorMapSwizzle swizzle) {
+  EncodeTiled fn = encode_fn();
+  if (fn == nullptr) return -1;
+  const cuuint32_t ones[3] = {1, 1, 1};
+  CUresult r = fn(map, dtype, rank, const_cast<void*>(base), dims, strides_bytes, box, ones,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : -2;
+}
+
+template <int D, bool CAUSAL, typename T>
+static int launch_typed(const Params& p, int batch, cudaStream_t stream) {
+  auto kernel = sage_attention_hopper<D, CAUSAL, T>;
+  const int smem = sizeof(Smem<D>) + 1024;  // + slack to align the dynamic buffer to 1024 bytes
+  static bool configured = false;
+  if (!configured) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return -3;
+    configured = true;
+  }
+  dim3 grid((p.nq + BLOCK_M - 1) / BLOCK_M, batch * p.hq);
+  kernel<<<grid, THREADS, smem, stream>>>(p);
+  return cudaPeekAtLastError() == cudaSuccess ? 0 : -4;
+}
+
+}  // namespace quantattn_hopper
+
+using namespace quantattn_hopper;
+
+extern "C" {
+
+// Error codes: 0 ok, -1 no cuTensorMapEncodeTiled in the driver, -2 a tensor map was refused,
+// -3 the shared-memory size was refused, -4 the launch failed, -5 unsupported arguments.
+int quantattn_hopper_attention(const void* q, int64_t q_sb, int64_t q_sh, int64_t q_sm, const void* k_int8,
+                               const float* k_scale, int64_t ks_stride, const void* v_fp8, int64_t n_pad,
+                               const float* k_mean, const float* v_max, const float* v_min, void* o, int64_t o_sb,
+                               int64_t o_sh, int64_t o_sm, float* lse, int64_t l_sb, int64_t l_sh, int batch, int hq,
+                               int hkv, int nq, int nk, int head_dim, int is_bf16, int causal, float qk_scale,
+                               float sm_scale, void* stream) {
+  if ((head_dim != 64 && head_dim != 128) || nq <= 0 || nk <= 0 || hkv <= 0 || hq % hkv != 0) return -5;
+  Params p;
+  const uint64_t bhkv = uint64_t(batch) * hkv;
+  const int d = head_dim;
+  {
+    const uint64_t dims[3] = {uint64_t(d), uint64_t(nk), bhkv};
+    const uint64_t strides[2] = {uint64_t(d), uint64_t(nk) * d};
+    const uint32_t box[3] = {uint32_t(d), BLOCK_N, 1};
+    const CUtensorMapSwizzle sw = d == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+    if (int e = encode(&p.tm_k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, k_int8, dims, strides, box, sw)) return e;
+  }
+  {
+    const uint64_t dims[3] = {uint64_t(n_pad), uint64_t(d), bhkv};
+    const uint64_t strides[2] = {uint64_t(n_pad), uint64_t(n_pad) * d};
+    const uint32_t box[3] = {BLOCK_N, uint32_t(d), 1};
+    if (int e = encode(&p.tm_v, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, v_fp8, dims, strides, box,
+                       CU_TENSOR_MAP_SWIZZLE_128B))
+      return e;
+  }
+  {
+    const uint64_t dims[2] = {uint64_t(nk), bhkv};
+    const uint64_t strides[1] = {uint64_t(ks_stride) * 4};
+    const uint32_t box[2] = {BLOCK_N, 1};
+    if (int e = encode(&p.tm_ks, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, k_scale, dims, strides, box,
+                       CU_TENSOR_MAP_SWIZZLE_NONE))
+      return e;
+  }
+  p.q = q;
+  p.q_sb = q_sb, p.q_sh = q_sh, p.q_sm = q_sm;
+  p.o = o;
+  p.o_sb = o_sb, p.o_sh = o_sh, p.o_sm = o_sm;
+  p.lse = lse, p.l_sb = l_sb, p.l_sh = l_sh;
+  p.k_mean = k_mean, p.v_max = v_max, p.v_min = v_min;
+  p.hq = hq, p.hkv = hkv, p.nq = nq, p.nk = nk;
+  p.qk_scale = qk_scale, p.sm_scale = sm_scale;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (d == 128) {
+    if (is_bf16)
+      return causal ? launch_typed<128, true, __nv_bfloat16>(p, batch, s) : launch_typed<128, false, __nv_bfloat16>(p, batch, s);
+    return causal ? launch_typed<128, true, __half>(p, batch, s) : launch_typed<128, false, __half>(p, batch, s);
+  }
+  if (is_bf16)
+    return causal ? launch_typed<64, true, __nv_bfloat16>(p, batch, s) : launch_typed<64, false, __nv_bfloat16>(p, batch, s);
+  return causal ? launch_typed<64, true, __half>(p, batch, s) : launch_typed<64, false, __half>(p, batch, s);
+}
+
+}  // extern "C"

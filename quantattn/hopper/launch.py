@@ -1,0 +1,89 @@
+"""Launcher of the Hopper kernel: the Triton preprocessing (in the layout TMA and wgmma read), then the
+CUDA kernel, on the current stream. No host synchronization, no tensor ops besides the buffers."""
+
+from __future__ import annotations
+
+import torch
+
+from quantattn import hopper
+from quantattn.config import QuantConfig
+from quantattn.kernels import launch as L
+from quantattn.reference.attention import LOG2E
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def config_reasons(cfg: QuantConfig) -> list[str]:
+    """What of a config the Hopper kernel does not compute (it implements SageAttention2-8b per token)."""
+    reasons = []
+    if cfg.qk_dtype != "int8" or cfg.qk_granularity != "per_token":
+        reasons.append("the Hopper kernel quantizes QK to INT8 per token only")
+    if cfg.pv_dtype != "fp8" or cfg.pv_accum != "fp32+fp32":
+        reasons.append("the Hopper kernel runs FP8 PV with two-level FP32 accumulation only")
+    if cfg.smooth_q or cfg.smooth_v:
+        reasons.append("the Hopper kernel has no smooth Q / smooth V")
+    return reasons
+
+
+def tensor_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> list[str]:
+    """Shapes, dtypes and strides the kernel reads directly (Q with 8-byte loads, out with 4-byte stores)."""
+    reasons = []
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        reasons.append(f"the Hopper kernel takes head_dim 64 or 128, got {d}")
+    if q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype == out.dtype):
+        reasons.append("the Hopper kernel takes float16 or bfloat16 q, k, v of one dtype")
+    for name, t, align in (("q", q, 4), ("out", out, 2)):
+        if t.stride(-1) != 1 or any(s % align for s in t.stride()[:-1]) or t.data_ptr() % (2 * align):
+            reasons.append(f"the Hopper kernel needs {name}'s channels contiguous and rows aligned")
+    return reasons
+
+
+def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences | None = None) -> L.QuantizedKV:
+    """K and V (HND views) smoothed and quantized in the Hopper kernel's layout."""
+    return L.preprocess_kv(k, v, cfg, seqs or L.sequences(k, None, 0), wgmma_order=True)
+
+
+def attention(
+    q: torch.Tensor,
+    kv: L.QuantizedKV,
+    is_causal: bool,
+    sm_scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor | None = None,
+) -> None:
+    """The attention kernel on K/V from `preprocess`: writes out (HND view) and lse ([B, Hq, Nq])."""
+    b, hq, nq, d = q.shape
+    _, hkv, nk, _ = kv.k.shape
+    if nq == 0 or b * hq == 0:
+        return
+    if nk == 0:
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return
+    k_mean = kv.k_stats[0].data_ptr() if (lse is not None and kv.cfg.smooth_k) else None
+    lse_args = (lse.data_ptr(), lse.stride(0), lse.stride(1)) if lse is not None else (None, 0, 0)
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    err = hopper.kernel()(
+        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+        kv.k.data_ptr(), kv.k_scale.data_ptr(), kv.k_scale.stride(1), kv.v.data_ptr(), kv.v.shape[-1],
+        k_mean, kv.v_stats[1].data_ptr(), kv.v_stats[2].data_ptr(),
+        out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
+        *lse_args,
+        b, hq, hkv, nq, nk, d, q.dtype == torch.bfloat16, is_causal,
+        sm_scale * LOG2E, sm_scale, stream,
+    )  # fmt: skip
+    if err:
+        raise RuntimeError(f"quantattn Hopper kernel: {hopper.ERRORS.get(err, err)}")
+
+
+def forward(call) -> None:
+    """Whole call (a backends.AttentionCall the backend accepted): preprocessing, then the kernel."""
+    dev = call.q.device
+    if dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            return forward(call)
+    kv = preprocess(call.k, call.v, call.cfg)
+    attention(call.q, kv, call.is_causal, call.sm_scale, call.out, call.lse)

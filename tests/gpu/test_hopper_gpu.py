@@ -1,0 +1,323 @@
+"""The native Hopper backend (quantattn.hopper: CUDA C++ wgmma/TMA kernel for sm_90) against the reference.
+
+It runs the default variant only (INT8 QK per token, FP8 PV with two-level FP32 accumulation, smooth K
+on or off) and computes what the Triton kernel computes: same quantization, same reference. It differs
+from the reference by the hardware's exp2 approximation and the accumulation order, so the bound is the
+one of tests/gpu/test_kernels_gpu.py: a tenth of the reference's own error against FP64. Calls it cannot
+run are refused with backend="hopper" and go to the Triton kernels with backend="auto".
+
+Skipped where there is no sm_90 GPU or quantattn.hopper is missing or unavailable (no library built).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quantattn as qa
+from quantattn.config import QuantConfig
+from quantattn.reference import attention_fp64
+
+try:
+    from quantattn import hopper
+except ImportError as exc:  # the module is not there: nothing to test
+    hopper, _HOPPER_MISSING = None, f"quantattn.hopper is not importable ({exc})"
+else:
+    _HOPPER_MISSING = None
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs an NVIDIA GPU"
+    if hopper is None:
+        return _HOPPER_MISSING
+    if not hopper.available():
+        return f"quantattn.hopper is unavailable: {hopper.unavailable_reason()}"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "the Hopper backend runs on sm_90 only"
+    return None
+
+
+SKIP = _skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
+
+KERNEL_VS_REFERENCE = 0.1
+DEV = "cuda"
+DEFAULT = QuantConfig()
+NO_SMOOTH_K = QuantConfig(smooth_k=False)
+
+
+def rel_l1(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().sum() / b.abs().sum()).item()
+
+
+def make(seed, *shape, dtype=torch.bfloat16, outliers=False):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(*shape, generator=g, device=DEV)
+    if outliers:
+        x = x + 4 * torch.randn(*shape[:-2], 1, shape[-1], generator=g, device=DEV)
+    return x.to(dtype)
+
+
+def outlier_inputs(seed, b, h, n, d):
+    """BENCHMARK.md's channel outliers: K += 8 N(0,1), Q = 2Q + 2 N(0,1), V += 2 N(0,1) per channel."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, device=DEV)
+
+    q = 2 * rnd(b, h, n, d) + 2 * rnd(b, h, 1, d)
+    k = rnd(b, h, n, d) + 8 * rnd(b, h, 1, d)
+    v = rnd(b, h, n, d) + 2 * rnd(b, h, 1, d)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def inputs(seed, b, hq, hkv, nq, nk, d, dtype=torch.bfloat16, layout="HND"):
+    """q [b, hq, nq, d], k and v [b, hkv, nk, d] (K with channel outliers, so that smoothing matters), in
+    `layout` as contiguous tensors."""
+    q = make(seed, b, hq, nq, d, dtype=dtype)
+    k = make(seed + 1, b, hkv, nk, d, dtype=dtype, outliers=True)
+    v = make(seed + 2, b, hkv, nk, d, dtype=dtype)
+    if layout == "NHD":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return q, k, v
+
+
+def hnd(layout):
+    return (lambda t: t) if layout == "HND" else (lambda t: t.transpose(1, 2))
+
+
+def check(q, k, v, cfg=DEFAULT, layout="HND", **kw):
+    """The Hopper kernel against the reference variant and FP64 attention; returns its output."""
+    out = qa.sageattn(q, k, v, layout, config=cfg, backend="hopper", **kw)
+    ref = qa.sageattn(q, k, v, layout, config=cfg, backend="reference", **kw)
+    to_hnd = hnd(layout)
+    truth = attention_fp64(to_hnd(q), to_hnd(k), to_hnd(v), kw.get("is_causal", False), kw.get("sm_scale"))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all(), "NaN/Inf in the kernel's output"
+    err_ref, err_kernel, err_out = rel_l1(to_hnd(ref), truth), rel_l1(out, ref), rel_l1(to_hnd(out), truth)
+    if to_hnd(k).shape[2] < 16:
+        # a handful of keys: each output is nearly one value of V, so that one rounding flip is a large share
+        # of the error; the bound adds one 16-bit ulp (2**-8 relative) to twice the reference's own error
+        assert err_out <= 2 * err_ref + 2**-8, (err_out, err_ref)
+        return out
+    assert err_kernel <= KERNEL_VS_REFERENCE * err_ref + 1e-5, (cfg.name, err_kernel, err_ref)
+    assert err_out <= 1.1 * err_ref + 1e-4, (cfg.name, err_out, err_ref)
+    return out
+
+
+# ---- what it computes -----------------------------------------------------------------------------------
+
+SEQ_LENS = [(1, 1), (100, 100), (128, 128), (1000, 1000), (4096, 4096), (77, 300), (300, 77), (1, 1000), (1000, 1)]
+
+
+@pytest.mark.parametrize("nq,nk", SEQ_LENS, ids=lambda n: str(n))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_matches_reference(nq, nk, causal, d):
+    """Every length class: one key, partial blocks (100, 77, 300), whole blocks (128, 4096), Nq != Nk both
+    ways with the bottom-right causal mask (Nq > Nk leaves rows that see no key: zeros)."""
+    check(*inputs(nq * 7 + nk + d, 2, 3, 3, nq, nk, d), is_causal=causal)
+
+
+@pytest.mark.parametrize("cfg", [DEFAULT, NO_SMOOTH_K], ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_dtypes_layouts_and_smooth_k(cfg, dtype, layout, causal):
+    """Hq = 8 on Hkv = 2 (query head h reads kv head h // 4), batch 2, both 16-bit dtypes, both layouts."""
+    q, k, v = inputs(40, 2, 8, 2, 1000, 1500, 128, dtype, layout)
+    check(q, k, v, cfg, layout, is_causal=causal)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_mqa_and_sm_scale(d):
+    q, k, v = inputs(50, 1, 8, 1, 700, 900, d)
+    check(q, k, v, is_causal=True, sm_scale=0.3)
+    check(q, k, v, sm_scale=0.02)
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,nq,nk,d", [(2, 8, 2, 1000, 1000, 128), (1, 4, 4, 300, 77, 64), (2, 4, 1, 77, 300, 128)]
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_matches_the_triton_kernel(b, hq, hkv, nq, nk, d, causal):
+    """return_lse: the natural-log lse of the unsmoothed scores, as the Triton kernel gives it (-inf in rows
+    that see no key); the output is the one of the call without lse."""
+    q, k, v = inputs(60, b, hq, hkv, nq, nk, d)
+    out, lse = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="hopper")
+    _, lse_triton = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="triton")
+    _, true_lse = attention_fp64(q, k, v, causal, None, True)
+    assert lse.shape == (b, hq, nq) and lse.dtype == torch.float32
+    assert not torch.isnan(lse).any()
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_triton)) and torch.equal(lse.isneginf(), true_lse.isneginf())
+    finite = torch.isfinite(lse)
+    assert (lse[finite] - lse_triton[finite]).abs().max() < 1e-3
+    assert (lse[finite].double() - true_lse[finite]).abs().max() < 0.1
+    assert rel_l1(out, qa.sageattn(q, k, v, is_causal=causal, backend="hopper")) < 1e-4
+
+
+def test_default_variant_is_as_accurate_as_the_official_hopper_kernel():
+    """BENCHMARK.md: the official SageAttention2 Hopper kernel has relative L1 0.038 (normal inputs)
+    and 0.0079 (channel outliers) on [1, 8, 4096, 128]; the native kernel must do at least as well."""
+    for inputs_, limit in ((tuple(make(s, 1, 8, 4096, 128) for s in (26, 27, 28)), 0.038),
+                           (outlier_inputs(29, 1, 8, 4096, 128), 0.008)):  # fmt: skip
+        out = qa.sageattn(*inputs_, backend="hopper")
+        assert rel_l1(out, attention_fp64(*inputs_)) <= limit
+
+
+def test_strided_views_and_storage_offset():
+    big = make(70, 3, 8, 1100, 160)
+    q, k, v = big[1:, :, 50:1050, :128], big[:2, :, 3:903, 16:144], big[:2, :, 100:1000, 32:160]
+    assert q.storage_offset() > 0 and not q.is_contiguous()
+    out = qa.sageattn(q, k, v, backend="hopper")
+    assert torch.equal(out, qa.sageattn(q.contiguous(), k.contiguous(), v.contiguous(), backend="hopper"))
+
+
+def test_every_output_element_is_written(poison_empty):
+    """torch.empty returns NaN while poison_empty is active: an output element (or lse entry, or scratch
+    element read back) the backend forgets shows up. Rows that see no key (causal, Nq > Nk) give zeros."""
+    q, k, v = inputs(80, 2, 8, 2, 300, 77, 128)
+    out, lse = qa.sageattn(q, k, v, is_causal=True, return_lse=True, backend="hopper")
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    blind = 300 - 77  # query i sees keys j <= i - 223
+    assert (out[:, :, :blind] == 0).all() and lse[:, :, :blind].isneginf().all()
+    assert torch.isfinite(lse[:, :, blind:]).all()
+
+
+def test_kernel_only_entry_points_used_by_the_benchmark():
+    """quantattn.hopper.launch's preprocess + attention (the benchmark's kernel-only timing) write every
+    element of a NaN-filled out and lse, leave q, k, v untouched and give sageattn's result."""
+    from quantattn.hopper import launch
+
+    q, k, v = inputs(90, 2, 8, 2, 2000, 2000, 128)
+    copies = [t.clone() for t in (q, k, v)]
+    for causal in (False, True):
+        kv = launch.preprocess(k, v, DEFAULT)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((2, 8, 2000), float("nan"), device=DEV)
+        launch.attention(q, kv, causal, 128**-0.5, out, lse)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        want, want_lse = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="hopper")
+        assert rel_l1(out, want) < 1e-4 and (lse - want_lse).abs().max() < 1e-4
+        launch.attention(q, kv, causal, 128**-0.5, out)  # lse=None
+        assert rel_l1(out, want) < 1e-4
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(copies, (q, k, v), strict=True))
+
+
+# ---- non-finite inputs: where the reference puts NaN, and nowhere else ---------------------------------
+
+
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_spreads_as_in_the_reference(where, causal):
+    """One NaN element in Q (row 100 of head 2) or K (key 300 of head 1). In the reference a row holding a
+    non-finite element gets a NaN scale and smooth K's mean skips it, so NaN reaches the Q row only, and
+    every row that sees the K row (all rows of head 1; rows 300 on when causal): the kernel must put NaN
+    exactly where the reference does, and agree with it elsewhere."""
+    q, k, v = (make(s, 1, 4, 512, 128) for s in (100, 101, 102))
+    if where == "q":
+        q[0, 2, 100, 5] = float("nan")
+    else:
+        k[0, 1, 300, 0] = float("nan")
+    out = qa.sageattn(q, k, v, is_causal=causal, backend="hopper")
+    ref = qa.sageattn(q, k, v, is_causal=causal, backend="reference")
+    assert torch.isnan(ref).any()  # the case does put NaN somewhere
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    fine = ~torch.isnan(ref)
+    assert torch.isfinite(out[fine]).all()
+    assert rel_l1(out[fine], ref[fine]) < 0.01
+
+
+# ---- what it refuses, and what auto does then ----------------------------------------------------------
+
+
+def _refused_calls():
+    """name -> (args, kwargs) of sageattn calls the Hopper backend cannot run."""
+    q, k, v = inputs(110, 2, 4, 2, 300, 400, 128)
+    q96, k96, v96 = inputs(111, 2, 4, 2, 300, 400, 96)
+    mask = torch.rand(300, 400, device=DEV) < 0.7
+    return {
+        "attn_mask": ((q, k, v), {"attn_mask": mask}),
+        "key_lengths": ((q, k, v), {"key_lengths": torch.tensor([250, 400], device=DEV)}),
+        "head_dim 96": ((q96, k96, v96), {}),
+        "smooth_q": ((q, k, v), {"config": QuantConfig(smooth_q=True)}),
+        "smooth_v": ((q, k, v), {"config": QuantConfig(smooth_v=True)}),
+        "per_block": ((q, k, v), {"config": QuantConfig(qk_granularity="per_block")}),
+        "int4": ((q, k, v), {"config": QuantConfig(qk_dtype="int4")}),
+        "fp16 pv": ((q, k, v), {"config": QuantConfig(pv_dtype="fp16", pv_accum="fp32")}),
+        "fp32+fp16 accumulator": ((q, k, v), {"config": QuantConfig(pv_accum="fp32+fp16")}),
+        "fp32 accumulator": ((q, k, v), {"config": QuantConfig(pv_accum="fp32")}),
+    }
+
+
+REFUSED = [
+    "attn_mask", "key_lengths", "head_dim 96", "smooth_q", "smooth_v", "per_block", "int4", "fp16 pv",
+    "fp32+fp16 accumulator", "fp32 accumulator",
+]  # fmt: skip
+
+
+# auto's fallback is checked on three of them: each new Triton specialization is a compile of seconds
+FALLBACK_CHECKED = ("attn_mask", "head_dim 96", "smooth_q")
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_calls_raise_and_auto_runs_triton(name):
+    calls = _refused_calls()
+    assert set(calls) == set(REFUSED)
+    args, kw = calls[name]
+    with pytest.raises(RuntimeError):
+        qa.sageattn(*args, is_causal=True, backend="hopper", **kw)
+    if name in FALLBACK_CHECKED:
+        auto = qa.sageattn(*args, is_causal=True, **kw)
+        assert torch.equal(auto, qa.sageattn(*args, is_causal=True, backend="triton", **kw))
+
+
+def test_varlen_is_refused_and_auto_runs_triton():
+    lens = [100, 300]
+    cu = torch.tensor([0, 100, 400], dtype=torch.int32, device=DEV)
+    q, k, v = make(120, 400, 4, 128), make(121, 400, 2, 128), make(122, 400, 2, 128)
+    args = (q, k, v, cu, cu, max(lens), max(lens), True)
+    with pytest.raises(RuntimeError):
+        qa.sageattn_varlen(*args, backend="hopper")
+    assert torch.equal(qa.sageattn_varlen(*args), qa.sageattn_varlen(*args, backend="triton"))
+
+
+def _spy_on_hopper(monkeypatch) -> list:
+    """Calls the dispatch hands to the Hopper backend (skips when the dispatch exposes none)."""
+    from quantattn import backends
+
+    backend = backends.BACKENDS.get("hopper")
+    if backend is None:
+        pytest.skip("quantattn.backends.BACKENDS has no 'hopper' entry to watch")
+    seen, forward = [], backend.forward
+
+    def spy(call):
+        seen.append(call)
+        return forward(call)
+
+    monkeypatch.setattr(backend, "forward", spy)
+    return seen
+
+
+def test_auto_picks_hopper_for_a_supported_call(monkeypatch):
+    q, k, v = inputs(130, 1, 4, 2, 512, 512, 128)
+    seen = _spy_on_hopper(monkeypatch)
+    out = qa.sageattn(q, k, v, is_causal=True)
+    assert seen, "backend='auto' did not run the Hopper backend on a call it supports"
+    assert torch.equal(out, qa.sageattn(q, k, v, is_causal=True, backend="hopper"))
+    seen.clear()
+    args, kw = _refused_calls()["attn_mask"]
+    qa.sageattn(*args, **kw)
+    assert not seen
+
+
+def test_env_keeps_auto_off_hopper(monkeypatch):
+    q, k, v = inputs(140, 1, 4, 2, 512, 512, 128)
+    seen = _spy_on_hopper(monkeypatch)
+    monkeypatch.setenv("QUANTATTN_HOPPER", "0")
+    out = qa.sageattn(q, k, v, is_causal=True)
+    assert not seen
+    assert torch.equal(out, qa.sageattn(q, k, v, is_causal=True, backend="triton"))
