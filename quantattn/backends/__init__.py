@@ -170,6 +170,14 @@ class HopperBackend:
             reasons.append("the Hopper kernel runs dense calls without attention masks or key lengths")
         return reasons
 
+    # backend="auto" takes it where it was measured faster than the Triton kernel as a whole call (H100,
+    # bench/results/2026-11-23_044931_H100_session4: head_dim 128 from 16K queries up, causal or not);
+    # below that and at head_dim 64 the Triton path is as fast or faster
+    AUTO_MIN_QUERIES = 16384
+
+    def prefers(self, call: AttentionCall) -> bool:
+        return call.q.shape[-1] == 128 and call.q.shape[2] >= self.AUTO_MIN_QUERIES
+
     def forward(self, call: AttentionCall) -> None:
         from quantattn.hopper.launch import forward
 
@@ -193,6 +201,9 @@ def select_backend(call: AttentionCall, requested: str):
         return BACKENDS["reference"]
     refusals = []
     for name in AUTO_ORDER:
+        if not getattr(BACKENDS[name], "prefers", lambda call: True)(call):
+            refusals.append(f"{name}: not preferred for this shape")
+            continue
         reasons = BACKENDS[name].reasons(call)
         if not reasons:
             return BACKENDS[name]

@@ -31,7 +31,6 @@ constexpr int THREADS = 128 * (CONSUMERS + 1);
 #endif
 constexpr int STAGES = QA_STAGES;
 constexpr float QMAX = 127.0f;
-constexpr float P_SCALE = 448.0f;
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // P is scaled inside the exponent: exp2(x + log2 448)
 constexpr float V_RANGE = 448.0f;
 constexpr float AMAX_FLOOR = 1e-30f;
@@ -146,18 +145,42 @@ __device__ __forceinline__ uint32_t pack_s8x4(int a, int b, int c, int d) {
   return (uint32_t(a) & 0xFF) | ((uint32_t(b) & 0xFF) << 8) | ((uint32_t(c) & 0xFF) << 16) | (uint32_t(d) << 24);
 }
 
-__device__ __forceinline__ void st_shared_v4(void* dst, const uint32_t (&r)[4]) {
-  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(dst)), "r"(r[0]), "r"(r[1]), "r"(r[2]),
-               "r"(r[3])
-               : "memory");
+// Byte offset of (row, byte) in a tile of ROW_BYTES-byte rows as TMA's 128B / 64B swizzle lays it out
+// (tile 1024-byte aligned): the 16-byte chunk index is XORed with row bits 0-2 (128B) or 1-2 (64B).
+template <int ROW_BYTES>
+__device__ __forceinline__ int swizzled(int row, int byte) {
+  const int phase = ROW_BYTES == 128 ? row % 8 : (row / 2) % 4;
+  return row * ROW_BYTES + ((byte / 16) ^ phase) * 16 + byte % 16;
 }
 
-// volatile: a load the compiler may not hoist out of the loop (which would bring back the live range)
-__device__ __forceinline__ void ld_shared_v4(uint32_t (&r)[4], const void* src) {
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(src))
-               : "memory");
+__device__ __forceinline__ void st_shared_u32(void* dst, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(smem_u32(dst)), "r"(v) : "memory");
+}
+
+// ordinary stores that the tensor cores (async proxy) read next
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// One thread's A-fragment words (rows rl and rl + 8, in each 32-byte k step the bytes 4t..4t+3 and
+// 16+4t..16+4t+3) into an A tile of ROW_BYTES-byte rows.
+template <int ROW_BYTES, int KSTEPS>
+__device__ __forceinline__ void store_a_fragment(uint8_t* tile, const uint32_t (&a)[KSTEPS][4], int rl, int t,
+                                                 int k0 = 0) {
+#pragma unroll
+  for (int k = 0; k < KSTEPS; ++k)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      st_shared_u32(tile + swizzled<ROW_BYTES>(rl + 8 * (i % 2), 32 * (k0 + k) + 16 * (i / 2) + 4 * t), a[k][i]);
+}
+
+constexpr int TURN_BARRIER = 1;  // named barriers 1 and 2 (0 is __syncthreads)
+
+__device__ __forceinline__ void named_sync(int id) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(CONSUMERS * 128) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(CONSUMERS * 128) : "memory");
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -212,10 +235,12 @@ struct Smem {
   alignas(1024) uint8_t k[STAGES][K_TILE];
   alignas(1024) uint8_t v[STAGES][V_TILE];
   alignas(128) float ks[STAGES][BLOCK_N];
-  // Q's A-operand registers, parked per thread: ptxas 13.0 reallocated the registers of an A operand
-  // kept live across the loop to P (observed: the second step multiplied P by K), so the QK product
-  // reloads them every step instead of keeping them live
-  uint4 q[D / 32][CONSUMERS * 128];
+  // The A operands in shared memory, in the layout TMA gives K (K-major, swizzled rows): INT8 Q of each
+  // consumer warpgroup, and its FP8 P, two buffers (the PV of block j - 1 reads one while the softmax of
+  // block j writes the other). Register A operands were tried first: ptxas 13.0 gave the registers of Q,
+  // live across the loop, to P (the second key block then multiplied P by K), and they cost 32 registers.
+  alignas(1024) uint8_t q[CONSUMERS][WG_ROWS * D];
+  alignas(1024) uint8_t p[CONSUMERS][2][WG_ROWS * BLOCK_N];
   uint64_t full[STAGES];
   uint64_t empty[STAGES];
 };
@@ -228,7 +253,7 @@ struct Smem {
 template <int D, typename T>
 struct QRows {
   static constexpr int KSTEPS = D / 32;
-  uint32_t a[KSTEPS][4];
+  uint32_t a[KSTEPS][4];  // INT8 Q as A fragments (stored to shared memory once)
   float scale[2];     // q_scale * qk_scale per row (NaN: the row holds a non-finite element)
   float dot_kmean[2];  // q . k_mean per row (lse of smooth K)
 
@@ -322,7 +347,7 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
   if (wg == 0) {
     // ---- producer: one thread streams K, V^T and the key scales through the stages ----
 #ifndef QA_NO_SETMAXNREG
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
 #endif
     if (threadIdx.x == 0) {
       constexpr uint32_t STAGE_BYTES = Smem<D>::K_TILE + Smem<D>::V_TILE + BLOCK_N * 4;
@@ -340,7 +365,7 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
 
   // ---- consumers ----
 #ifndef QA_NO_SETMAXNREG
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
 #endif
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32;
@@ -352,9 +377,10 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
 
   QRows<D, T> q;
   q.load(p, q_head, r0, t, p.lse != nullptr ? k_mean : nullptr);
-  const int qslot = threadIdx.x - 128;
-#pragma unroll
-  for (int k = 0; k < D / 32; ++k) st_shared_v4(&sm.q[k][qslot], q.a[k]);
+  const int c = wg - 1;
+  const int rl = warp * 16 + lane / 4;  // the thread's first row in its warpgroup's 64
+  store_a_fragment<D, D / 32>(sm.q[c], q.a, rl, t);
+  fence_async_shared();  // the first turn's barrier orders it before the first QK product
 
   constexpr int ACC = D / 2;  // accumulator registers per thread of a 64 x D product
   float o[ACC];
@@ -367,31 +393,47 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
   const int full_blocks_end =
       CAUSAL ? min(p.nk / BLOCK_N, max(wg_first_row + shift + 1, 0) / BLOCK_N) : p.nk / BLOCK_N;
 
-  for (int j = 0; j < n_blocks; ++j) {
-    const int s = j % STAGES;
-    mbar_wait(&sm.full[s], (j / STAGES) & 1);
+  // Software pipeline, one step per key block j: [QK(j) and PV(j-1) issued together] -> softmax(j)
+  // while they run -> PV(j-1) done: o updated, stage j-1 released. The two consumer warpgroups take
+  // turns at issuing (named barriers 1 and 2), so that one's softmax runs under the other's products.
+  // The first and last steps are peeled: a wgmma under a condition makes ptxas serialize them all.
+  const int other = TURN_BARRIER + (1 - c);
+  int32_t acc_s[64];
+  float fresh[ACC];
+  float alpha[2], alpha_prev[2];
 
+  auto issue_qk = [&](int j) {
     // S = Q K^T (INT8 -> INT32), 64 x 128 per warpgroup
-    int32_t acc_s[64];
-    uint32_t qa[D / 32][4];
 #pragma unroll
-    for (int k = 0; k < D / 32; ++k) ld_shared_v4(qa[k], &sm.q[k][qslot]);
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < D / 32; ++k) wgmma_s8_n128(acc_s, qa[k], smem_desc<D>(sm.k[s], 32 * k), k > 0);
+    for (int k = 0; k < D / 32; ++k)
+      wgmma_s8_n128_ss(acc_s, smem_desc<D>(sm.q[c], 32 * k), smem_desc<D>(sm.k[j % STAGES], 32 * k), k > 0);
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc_s);
-
+  };
+  auto issue_pv = [&](int j) {
+    // fresh = P V (FP8, the tensor cores' FP32 accumulator), for key block j
+    const uint8_t* pt = sm.p[c][j % 2];
+    const uint8_t* vt = sm.v[j % STAGES];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (D == 128) {
+        wgmma_e4m3_n128_ss(fresh, smem_desc<128>(pt, 32 * k), smem_desc<128>(vt, 32 * k), k > 0);
+      } else {
+        wgmma_e4m3_n64_ss(fresh, smem_desc<128>(pt, 32 * k), smem_desc<128>(vt, 32 * k), k > 0);
+      }
+    }
+    wgmma_commit();
+  };
+  auto softmax = [&](int j) {
+    const int s = j % STAGES;
     // scores in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max)
     float sc[64];
 #pragma unroll
-    for (int c = 0; c < 16; ++c) {
-      const float2 ks = *reinterpret_cast<const float2*>(&sm.ks[s][8 * c + 2 * t]);
-      sc[4 * c + 0] = __int2float_rn(acc_s[4 * c + 0]) * ks.x;
-      sc[4 * c + 1] = __int2float_rn(acc_s[4 * c + 1]) * ks.y;
-      sc[4 * c + 2] = __int2float_rn(acc_s[4 * c + 2]) * ks.x;
-      sc[4 * c + 3] = __int2float_rn(acc_s[4 * c + 3]) * ks.y;
+    for (int cc = 0; cc < 16; ++cc) {
+      const float2 ks = *reinterpret_cast<const float2*>(&sm.ks[s][8 * cc + 2 * t]);
+      sc[4 * cc + 0] = __int2float_rn(acc_s[4 * cc + 0]) * ks.x;
+      sc[4 * cc + 1] = __int2float_rn(acc_s[4 * cc + 1]) * ks.y;
+      sc[4 * cc + 2] = __int2float_rn(acc_s[4 * cc + 2]) * ks.x;
+      sc[4 * cc + 3] = __int2float_rn(acc_s[4 * cc + 3]) * ks.y;
     }
     if (j >= full_blocks_end) {
 #pragma unroll
@@ -402,62 +444,86 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
         sc[i] = visible ? sc[i] : -INFINITY;
       }
     }
-    float alpha[2], m_safe[2];
+    float m_safe[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int c = 0; c < 16; ++c) mx = fmaxf(mx, fmaxf(sc[4 * c + 2 * hh], sc[4 * c + 2 * hh + 1]));
+      for (int cc = 0; cc < 16; ++cc) mx = fmaxf(mx, fmaxf(sc[4 * cc + 2 * hh], sc[4 * cc + 2 * hh + 1]));
       mx = quad_max(mx);
       const float m_new = fmaxf(m_run[hh], mx * q.scale[hh]);
       m_safe[hh] = m_new == -INFINITY ? 0.f : m_new;
       alpha[hh] = ex2(m_run[hh] - m_safe[hh]);
       m_run[hh] = m_new;
     }
-    // P = exp2(s * q_scale - m) in [0, 1], scaled by 448 into E4M3, laid out as the A operand of PV
-    uint32_t pa[4][4];
-    float rowsum[2] = {0.f, 0.f};
+    // 448 * P = exp2(s * q_scale - m + log2 448) in E4M3, written as the A operand of this block's PV;
+    // its row sums are 448 * l, which the epilogue's division undoes
     const float m_exp[2] = {LOG2_P_SCALE - m_safe[0], LOG2_P_SCALE - m_safe[1]};
+    float rowsum[2] = {0.f, 0.f};
+    uint8_t* pt = sm.p[c][j % 2];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
+      uint32_t pk[1][4];  // one 32-key step at a time: fewer live registers
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         float pv[8];
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
-          const int c = 4 * k + cc;
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            // 448 * P, whose row sums are 448 * l: the epilogue's division undoes both at once
-            const float pe = ex2(fmaf(sc[4 * c + 2 * hh + e], q.scale[hh], m_exp[hh]));
+            const float pe = ex2(fmaf(sc[4 * (4 * k + cc) + 2 * hh + e], q.scale[hh], m_exp[hh]));
             rowsum[hh] += pe;
             pv[2 * cc + e] = pe;
           }
         }
-        pa[k][hh] = e4m3x2(pv[0], pv[1]) | (e4m3x2(pv[2], pv[3]) << 16);
-        pa[k][2 + hh] = e4m3x2(pv[4], pv[5]) | (e4m3x2(pv[6], pv[7]) << 16);
+        pk[0][hh] = e4m3x2(pv[0], pv[1]) | (e4m3x2(pv[2], pv[3]) << 16);
+        pk[0][2 + hh] = e4m3x2(pv[4], pv[5]) | (e4m3x2(pv[6], pv[7]) << 16);
       }
+      store_a_fragment<BLOCK_N, 1>(pt, pk, rl, t, k);
     }
+    fence_async_shared();  // read by the tensor cores after the next turn's barrier
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) l_part[hh] = l_part[hh] * alpha[hh] + rowsum[hh];
-
-    // fresh = P V (FP8, FP32 accumulator of the tensor cores), then o = o * alpha + fresh in FP32
-    float fresh[ACC];
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if constexpr (D == 128) {
-        wgmma_e4m3_n128(fresh, pa[k], smem_desc<128>(sm.v[s], 32 * k), k > 0);
-      } else {
-        wgmma_e4m3_n64(fresh, pa[k], smem_desc<128>(sm.v[s], 32 * k), k > 0);
-      }
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
+  };
+  auto finish_pv = [&](int j) {
+    // o after block j: rescaled by that block's alpha, then its fresh product added in FP32
     fence_regs(fresh);
-    if (lane == 0) mbar_arrive(&sm.empty[s]);
+    if (lane == 0) mbar_arrive(&sm.empty[j % STAGES]);
 #pragma unroll
-    for (int i = 0; i < ACC; ++i) o[i] = fmaf(o[i], alpha[(i / 2) % 2], fresh[i]);
+    for (int i = 0; i < ACC; ++i) o[i] = fmaf(o[i], alpha_prev[(i / 2) % 2], fresh[i]);
+  };
+
+  if (n_blocks > 0) {
+    if (c == 1) named_arrive(TURN_BARRIER + 0);  // warpgroup 0 issues first
+    mbar_wait(&sm.full[0], 0);
+    named_sync(TURN_BARRIER + c);
+    wgmma_fence();
+    issue_qk(0);
+    named_arrive(other);
+    wgmma_wait<0>();
+    fence_regs(acc_s);
+    softmax(0);
+    alpha_prev[0] = alpha[0], alpha_prev[1] = alpha[1];
+    for (int j = 1; j < n_blocks; ++j) {
+      mbar_wait(&sm.full[j % STAGES], (j / STAGES) & 1);
+      named_sync(TURN_BARRIER + c);
+      wgmma_fence();
+      issue_qk(j);
+      issue_pv(j - 1);
+      named_arrive(other);
+      wgmma_wait<1>();
+      fence_regs(acc_s);
+      softmax(j);
+      wgmma_wait<0>();
+      finish_pv(j - 1);
+      alpha_prev[0] = alpha[0], alpha_prev[1] = alpha[1];
+    }
+    named_sync(TURN_BARRIER + c);
+    wgmma_fence();
+    issue_pv(n_blocks - 1);
+    if (c == 0) named_arrive(other);  // warpgroup 1's last turn gives none back: arrivals match waits
+    wgmma_wait<0>();
+    finish_pv(n_blocks - 1);
   }
 
   // ---- epilogue: normalize, undo V's scale, store ----
