@@ -1,13 +1,14 @@
 // SageAttention2 (INT8 QK^T, FP8 PV, two-level accumulation) for Hopper (sm_90a): TMA loads into a
 // ring of shared-memory stages, wgmma for both products, one producer warpgroup and two consumer
-// warpgroups of 64 query rows each.
+// warpgroups of 64 query rows each that take turns at the tensor cores.
 //
 // Numerics are those of quantattn.reference with the default config (qk per_token INT8, FP8 PV with a
 // fresh FP32 accumulator per 128-key step, P scaled by 448, V per channel), as the Triton kernel:
 //   Q is quantized here, in registers, one scale per row; K arrives as INT8 with one scale per key;
 //   V arrives as FP8, transposed ([d, keys]) and with its keys permuted inside each 32-key chunk so that
-//   the QK accumulator's registers are, as they stand, the A operand of the PV product (see
-//   quantattn/hopper/layout.py: wgmma_key_order).
+//   the words of P a thread holds in the QK accumulator land, unshuffled, where the PV product's A tile
+//   wants them (see quantattn/hopper/layout.py: wgmma_key_order).
+// Pipeline and measurements: docs/perf-notes.md (session 4).
 //
 // Built by quantattn/hopper/build.py into a shared library loaded with ctypes (no PyTorch headers).
 

@@ -47,30 +47,8 @@ DEFAULT = QuantConfig()
 NO_SMOOTH_K = QuantConfig(smooth_k=False)
 
 
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
-
-
-def make(seed, *shape, dtype=torch.bfloat16, outliers=False):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    x = torch.randn(*shape, generator=g, device=DEV)
-    if outliers:
-        x = x + 4 * torch.randn(*shape[:-2], 1, shape[-1], generator=g, device=DEV)
-    return x.to(dtype)
-
-
-def outlier_inputs(seed, b, h, n, d):
-    """BENCHMARK.md's channel outliers: K += 8 N(0,1), Q = 2Q + 2 N(0,1), V += 2 N(0,1) per channel."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g, device=DEV)
-
-    q = 2 * rnd(b, h, n, d) + 2 * rnd(b, h, 1, d)
-    k = rnd(b, h, n, d) + 8 * rnd(b, h, 1, d)
-    v = rnd(b, h, n, d) + 2 * rnd(b, h, 1, d)
-    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+# the Triton kernel tests' input makers and metric (tests/gpu is on sys.path under pytest's default import mode)
+from test_kernels_gpu import make, outlier_inputs, rel_l1  # noqa: E402
 
 
 def inputs(seed, b, hq, hkv, nq, nk, d, dtype=torch.bfloat16, layout="HND"):
