@@ -143,6 +143,9 @@ class TritonBackend:
             ]
         return unsupported(call)
 
+    def prefers(self, call: AttentionCall) -> bool:
+        return True
+
     def forward(self, call: AttentionCall) -> None:
         from quantattn.kernels.launch import sage_forward
 
@@ -201,7 +204,7 @@ def select_backend(call: AttentionCall, requested: str):
         return BACKENDS["reference"]
     refusals = []
     for name in AUTO_ORDER:
-        if not getattr(BACKENDS[name], "prefers", lambda call: True)(call):
+        if not BACKENDS[name].prefers(call):
             refusals.append(f"{name}: not preferred for this shape")
             continue
         reasons = BACKENDS[name].reasons(call)

@@ -23,7 +23,6 @@ from quantattn.config import VARIANTS, QuantConfig
 SDPA_NAMES = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION"}
 HOPPER = "sage2-8b-hopper"
 HOPPER_VARIANT = "sage2-8b"  # the one variant the native Hopper kernel computes
-HOPPER_HEAD_DIMS = (64, 128)  # its head dims, where quantattn.hopper.launch does not say
 OFFICIAL = "official"
 ALL_NAMES = (*VARIANTS, HOPPER, *SDPA_NAMES, OFFICIAL)
 
@@ -98,9 +97,7 @@ def hopper_unavailable(device: str = "cuda") -> str | None:
     try:
         from quantattn import hopper
 
-        if hopper.available():
-            return None
-        return hopper.unavailable_reason() or "quantattn.hopper.available() is False"
+        return hopper.unavailable_reason()
     except Exception as exc:  # noqa: BLE001  an optional backend: a failure to import or load means not here
         return f"quantattn.hopper cannot be loaded ({type(exc).__name__}: {exc})"
 
@@ -118,7 +115,7 @@ def hopper_impl(device: str = "cuda") -> Implementation:
         return Implementation(HOPPER, "quantattn", description, config=cfg, unavailable=reason, extra=extra)
     from quantattn.hopper import launch
 
-    head_dims = tuple(getattr(launch, "HEAD_DIMS", HOPPER_HEAD_DIMS))
+    head_dims = launch.HEAD_DIMS
     description += f", head_dim {' and '.join(map(str, head_dims))}"
 
     def whole(q, k, v, causal):

@@ -27,10 +27,7 @@ constexpr int WG_ROWS = 64;      // query rows per consumer warpgroup (one wgmma
 constexpr int CONSUMERS = 2;     // consumer warpgroups per CTA
 constexpr int BLOCK_M = WG_ROWS * CONSUMERS;
 constexpr int THREADS = 128 * (CONSUMERS + 1);
-#ifndef QA_STAGES
-#define QA_STAGES 4
-#endif
-constexpr int STAGES = QA_STAGES;
+constexpr int STAGES = 4;
 constexpr float QMAX = 127.0f;
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // P is scaled inside the exponent: exp2(x + log2 448)
 constexpr float V_RANGE = 448.0f;
@@ -347,9 +344,7 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
 
   if (wg == 0) {
     // ---- producer: one thread streams K, V^T and the key scales through the stages ----
-#ifndef QA_NO_SETMAXNREG
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
-#endif
     if (threadIdx.x == 0) {
       constexpr uint32_t STAGE_BYTES = Smem<D>::K_TILE + Smem<D>::V_TILE + BLOCK_N * 4;
       for (int j = 0; j < n_blocks; ++j) {
@@ -365,9 +360,7 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
   }
 
   // ---- consumers ----
-#ifndef QA_NO_SETMAXNREG
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
-#endif
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32;
   const int t = lane % 4;

@@ -1,5 +1,5 @@
-"""Builds the Hopper kernel's shared library with nvcc: at install time (setup.py, when a CUDA compiler
-is there), or on first use, into a cache folder keyed by the sources' hash.
+"""Builds the Hopper kernel's shared library with nvcc, on first use (or ahead of time, below), into a
+cache folder keyed by the sources' hash.
 
 The library holds plain CUDA C++ (no PyTorch headers), so one build serves every torch version and it
 compiles in seconds; quantattn.hopper loads it with ctypes. `python -m quantattn.hopper.build` builds it
@@ -62,14 +62,11 @@ def compile_library(out_dir: str | os.PathLike, nvcc: str | None = None) -> Path
 
 
 def library_path(build: bool = True) -> Path | None:
-    """The library for these sources: QUANTATTN_HOPPER_LIB, the one built at install, the cache's, or a
-    fresh build (build=True) when nvcc is there; None when there is none."""
+    """The library for these sources: QUANTATTN_HOPPER_LIB, the cache's, or a fresh build (build=True)
+    when nvcc is there; None when there is none."""
     explicit = os.environ.get("QUANTATTN_HOPPER_LIB")
     if explicit:
         return Path(explicit)
-    installed = HERE / "_lib" / source_hash() / LIB_NAME
-    if installed.exists():
-        return installed
     cached = cache_dir() / LIB_NAME
     if cached.exists():
         return cached

@@ -228,7 +228,8 @@ def preprocess_kv(
         k_scale = torch.empty(b, h, n, dtype=torch.float32, device=k.device)
     if cfg.is_fp8_pv:
         # 16-byte aligned rows of the transposed V; whole 32-key chunks for the Hopper order
-        n_pad = cdiv(max(n, 1), 32 if wgmma_order else 16) * (32 if wgmma_order else 16)
+        key_pad = 32 if wgmma_order else 16
+        n_pad = cdiv(max(n, 1), key_pad) * key_pad
         vq = torch.empty(b, h, d, n_pad, dtype=torch.float8_e4m3fn, device=k.device)
         v_mode, vq_strides = 1, (vq.stride(0), vq.stride(1), 1, vq.stride(2))
     elif cfg.smooth_v:
