@@ -174,9 +174,9 @@ class HopperBackend:
         return reasons
 
     # backend="auto" takes it where it was measured faster than the Triton kernel as a whole call (H100,
-    # bench/results/2026-11-23_044931_H100_session4: head_dim 128 from 16K queries up, causal or not);
-    # below that and at head_dim 64 the Triton path is as fast or faster
-    AUTO_MIN_QUERIES = 16384
+    # session 5's benchmark, bench/results/README.md: head_dim 128 from 8K queries up); below that and at
+    # head_dim 64 the Triton path is as fast or faster
+    AUTO_MIN_QUERIES = 8192
 
     def prefers(self, call: AttentionCall) -> bool:
         return call.q.shape[-1] == 128 and call.q.shape[2] >= self.AUTO_MIN_QUERIES

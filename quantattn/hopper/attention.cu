@@ -173,12 +173,17 @@ __device__ __forceinline__ void store_a_fragment(uint8_t* tile, const uint32_t (
 }
 
 constexpr int TURN_BARRIER = 1;  // named barriers 1 and 2 (0 is __syncthreads)
+constexpr int WG_BARRIER = 3;    // named barriers 3 and 4: one consumer warpgroup's own
 
 __device__ __forceinline__ void named_sync(int id) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(CONSUMERS * 128) : "memory");
 }
 __device__ __forceinline__ void named_arrive(int id) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(CONSUMERS * 128) : "memory");
+}
+
+__device__ __forceinline__ void named_sync_wg(int id) {
+  asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -239,6 +244,9 @@ struct Smem {
   // live across the loop, to P (the second key block then multiplied P by K), and they cost 32 registers.
   alignas(1024) uint8_t q[CONSUMERS][WG_ROWS * D];
   alignas(1024) uint8_t p[CONSUMERS][2][WG_ROWS * BLOCK_N];
+  // the output's per-channel factor, amax_V / 448, one copy per consumer warpgroup: loaded while the
+  // first keys arrive, so that the epilogue does not wait on global loads column after column
+  float v_factor[CONSUMERS][D];
   uint64_t full[STAGES];
   uint64_t empty[STAGES];
 };
@@ -369,9 +377,13 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
   const T* q_head = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const float* k_mean = p.k_mean != nullptr ? p.k_mean + int64_t(bh_kv) * D : nullptr;
 
+  const int c = wg - 1;
+  if (tid < D) {
+    const int64_t at = int64_t(bh_kv) * D + tid;
+    sm.v_factor[c][tid] = fmaxf(fmaxf(p.v_max[at], -p.v_min[at]), AMAX_FLOOR) * (1.f / V_RANGE);
+  }
   QRows<D, T> q;
   q.load(p, q_head, r0, t, p.lse != nullptr ? k_mean : nullptr);
-  const int c = wg - 1;
   const int rl = warp * 16 + lane / 4;  // the thread's first row in its warpgroup's 64
   store_a_fragment<D, D / 32>(sm.q[c], q.a, rl, t);
   fence_async_shared();  // the first turn's barrier orders it before the first QK product
@@ -396,29 +408,34 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
   float fresh[ACC];
   float alpha[2], alpha_prev[2];
 
-  auto issue_qk = [&](int j) {
+  // Descriptors of the first tiles; a stage, buffer or 32-byte k step is an offset in 16-byte units
+  // added to the address field (shared addresses stay below 2^18, so it never carries into the rest).
+  // Recomputing them from pointers cost ~50 instructions per key block.
+  const uint64_t desc_q = smem_desc<D>(sm.q[c], 0), desc_k = smem_desc<D>(sm.k[0], 0);
+  const uint64_t desc_p = smem_desc<128>(sm.p[c][0], 0), desc_v = smem_desc<128>(sm.v[0], 0);
+  constexpr uint32_t K_STAGE = Smem<D>::K_TILE / 16, V_STAGE = Smem<D>::V_TILE / 16, P_BUF = WG_ROWS * BLOCK_N / 16;
+  auto issue_qk = [&](uint32_t j) {
     // S = Q K^T (INT8 -> INT32), 64 x 128 per warpgroup
+    const uint64_t dk = desc_k + (j % STAGES) * K_STAGE;
 #pragma unroll
-    for (int k = 0; k < D / 32; ++k)
-      wgmma_s8_n128_ss(acc_s, smem_desc<D>(sm.q[c], 32 * k), smem_desc<D>(sm.k[j % STAGES], 32 * k), k > 0);
+    for (int k = 0; k < D / 32; ++k) wgmma_s8_n128_ss(acc_s, desc_q + 2 * k, dk + 2 * k, k > 0);
     wgmma_commit();
   };
-  auto issue_pv = [&](int j) {
+  auto issue_pv = [&](uint32_t j) {
     // fresh = P V (FP8, the tensor cores' FP32 accumulator), for key block j
-    const uint8_t* pt = sm.p[c][j % 2];
-    const uint8_t* vt = sm.v[j % STAGES];
+    const uint64_t dp = desc_p + (j % 2) * P_BUF, dv = desc_v + (j % STAGES) * V_STAGE;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if constexpr (D == 128) {
-        wgmma_e4m3_n128_ss(fresh, smem_desc<128>(pt, 32 * k), smem_desc<128>(vt, 32 * k), k > 0);
+        wgmma_e4m3_n128_ss(fresh, dp + 2 * k, dv + 2 * k, k > 0);
       } else {
-        wgmma_e4m3_n64_ss(fresh, smem_desc<128>(pt, 32 * k), smem_desc<128>(vt, 32 * k), k > 0);
+        wgmma_e4m3_n64_ss(fresh, dp + 2 * k, dv + 2 * k, k > 0);
       }
     }
     wgmma_commit();
   };
-  auto softmax = [&](int j) {
-    const int s = j % STAGES;
+  auto softmax = [&](uint32_t j) {
+    const uint32_t s = j % STAGES;
     // scores in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max)
     float sc[64];
 #pragma unroll
@@ -429,10 +446,10 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
       sc[4 * cc + 2] = __int2float_rn(acc_s[4 * cc + 2]) * ks.x;
       sc[4 * cc + 3] = __int2float_rn(acc_s[4 * cc + 3]) * ks.y;
     }
-    if (j >= full_blocks_end) {
+    if (int(j) >= full_blocks_end) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) {
-        const int key = j * BLOCK_N + 8 * (i / 4) + 2 * t + (i % 2);
+        const int key = int(j) * BLOCK_N + 8 * (i / 4) + 2 * t + (i % 2);
         const int row = r0 + 8 * ((i / 2) % 2);
         const bool visible = key < p.nk && (!CAUSAL || key <= row + shift);
         sc[i] = visible ? sc[i] : -INFINITY;
@@ -441,20 +458,26 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
     float m_safe[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      float mx = -INFINITY;
+      // a tree, not a chain: with two warps per scheduler the chain's latency is not hidden
+      float mx[16];
 #pragma unroll
-      for (int cc = 0; cc < 16; ++cc) mx = fmaxf(mx, fmaxf(sc[4 * cc + 2 * hh], sc[4 * cc + 2 * hh + 1]));
-      mx = quad_max(mx);
-      const float m_new = fmaxf(m_run[hh], mx * q.scale[hh]);
+      for (int cc = 0; cc < 16; ++cc) mx[cc] = fmaxf(sc[4 * cc + 2 * hh], sc[4 * cc + 2 * hh + 1]);
+#pragma unroll
+      for (int cc = 0; cc < 8; ++cc) mx[cc] = fmaxf(mx[cc], mx[cc + 8]);
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) mx[cc] = fmaxf(mx[cc], mx[cc + 4]);
+      mx[0] = fmaxf(fmaxf(mx[0], mx[2]), fmaxf(mx[1], mx[3]));
+      mx[0] = quad_max(mx[0]);
+      const float m_new = fmaxf(m_run[hh], mx[0] * q.scale[hh]);
       m_safe[hh] = m_new == -INFINITY ? 0.f : m_new;
       alpha[hh] = ex2(m_run[hh] - m_safe[hh]);
       m_run[hh] = m_new;
     }
     // 448 * P = exp2(s * q_scale - m + log2 448) in E4M3, written as the A operand of this block's PV;
-    // its row sums are 448 * l, which the epilogue's division undoes
+    // its row sums are 448 * l, which the epilogue divides out
     const float m_exp[2] = {LOG2_P_SCALE - m_safe[0], LOG2_P_SCALE - m_safe[1]};
     float rowsum[2] = {0.f, 0.f};
-    uint8_t* pt = sm.p[c][j % 2];
+    uint8_t* pt = sm.p[c][j % 2u];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       uint32_t pk[1][4];  // one 32-key step at a time: fewer live registers
@@ -464,12 +487,9 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pe = ex2(fmaf(sc[4 * (4 * k + cc) + 2 * hh + e], q.scale[hh], m_exp[hh]));
-            rowsum[hh] += pe;
-            pv[2 * cc + e] = pe;
-          }
+          for (int e = 0; e < 2; ++e) pv[2 * cc + e] = ex2(fmaf(sc[4 * (4 * k + cc) + 2 * hh + e], q.scale[hh], m_exp[hh]));
         }
+        rowsum[hh] += ((pv[0] + pv[1]) + (pv[2] + pv[3])) + ((pv[4] + pv[5]) + (pv[6] + pv[7]));
         pk[0][hh] = e4m3x2(pv[0], pv[1]) | (e4m3x2(pv[2], pv[3]) << 16);
         pk[0][2 + hh] = e4m3x2(pv[4], pv[5]) | (e4m3x2(pv[6], pv[7]) << 16);
       }
@@ -479,7 +499,7 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) l_part[hh] = l_part[hh] * alpha[hh] + rowsum[hh];
   };
-  auto finish_pv = [&](int j) {
+  auto finish_pv = [&](uint32_t j) {
     // o after block j: rescaled by that block's alpha, then its fresh product added in FP32
     fence_regs(fresh);
     if (lane == 0) mbar_arrive(&sm.empty[j % STAGES]);
@@ -498,7 +518,7 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
     fence_regs(acc_s);
     softmax(0);
     alpha_prev[0] = alpha[0], alpha_prev[1] = alpha[1];
-    for (int j = 1; j < n_blocks; ++j) {
+    for (uint32_t j = 1; j < uint32_t(n_blocks); ++j) {
       mbar_wait(&sm.full[j % STAGES], (j / STAGES) & 1);
       named_sync(TURN_BARRIER + c);
       wgmma_fence();
@@ -521,32 +541,29 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
   }
 
   // ---- epilogue: normalize, undo V's scale, store ----
-  float l[2], l_div[2];
+  // one reciprocal per row and per channel instead of IEEE divisions per element (~20 instructions
+  // each, a tenth of a 1K-key call): within 2 ulp of o / l * amax / 448, far below the output's rounding
+  float l[2], inv_l[2];
   bool has_keys[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     l[hh] = quad_sum(l_part[hh]);
     has_keys[hh] = l[hh] > 0.f || l[hh] != l[hh];
-    l_div[hh] = l[hh] > 0.f ? l[hh] : 1.f;
+    inv_l[hh] = __frcp_rn(l[hh] > 0.f ? l[hh] : 1.f);
   }
-  const float* vmax = p.v_max + int64_t(bh_kv) * D;
-  const float* vmin = p.v_min + int64_t(bh_kv) * D;
+  named_sync_wg(WG_BARRIER + c);  // v_factor, written by this warpgroup's threads in the prologue
   T* o_head = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
 #pragma unroll
-  for (int c = 0; c < D / 8; ++c) {
-    const int col = 8 * c + 2 * t;
-    float f[2];
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const float amax = fmaxf(fmaxf(vmax[col + e], -vmin[col + e]), AMAX_FLOOR);
-      f[e] = __fdiv_rn(amax, V_RANGE);  // l holds 448 * the row sum (P_SCALE in the exponent)
-    }
+  for (int cc = 0; cc < D / 8; ++cc) {
+    const int col = 8 * cc + 2 * t;
+    // l holds 448 * the row sum (P_SCALE in the exponent), which v_factor's 1 / 448 undoes
+    const float2 f = *reinterpret_cast<const float2*>(&sm.v_factor[c][col]);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int row = r0 + 8 * hh;
       if (row < p.nq) {
-        float v0 = __fdiv_rn(o[4 * c + 2 * hh], l_div[hh]) * f[0];
-        float v1 = __fdiv_rn(o[4 * c + 2 * hh + 1], l_div[hh]) * f[1];
+        float v0 = o[4 * cc + 2 * hh] * inv_l[hh] * f.x;
+        float v1 = o[4 * cc + 2 * hh + 1] * inv_l[hh] * f.y;
         v0 = has_keys[hh] ? saturate<T>(v0) : 0.f;
         v1 = has_keys[hh] ? saturate<T>(v1) : 0.f;
         *reinterpret_cast<typename OutPair<T>::type*>(o_head + row * p.o_sm + col) = OutPair<T>::make(v0, v1);

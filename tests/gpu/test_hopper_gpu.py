@@ -287,8 +287,8 @@ def _spy_on_hopper(monkeypatch) -> list:
 
 
 def test_auto_picks_hopper_where_it_is_faster(monkeypatch):
-    """auto takes the Hopper kernel for head_dim 128 from 16K queries (where it measured faster), and the
-    Triton kernel for shorter calls."""
+    """auto takes the Hopper kernel for head_dim 128 from HopperBackend.AUTO_MIN_QUERIES queries (where it
+    measured faster), and the Triton kernel for shorter calls."""
     q, k, v = inputs(130, 1, 1, 1, 16384, 16384, 128)
     seen = _spy_on_hopper(monkeypatch)
     out = qa.sageattn(q, k, v, is_causal=True)
