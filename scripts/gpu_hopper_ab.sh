@@ -1,5 +1,6 @@
 #!/bin/bash
-# A/B of Hopper kernel variants (-D flags) plus an ncu look at the baseline, in one device call.
+# A/B of Hopper kernel variants (-D flags or other sources), and ncu on the variants that NCU_LABELS
+# names, in one device call.
 # Usage (device): [NCU_LABELS="a"] bash scripts/gpu_hopper_ab.sh "base:SRC=path/to/old.cu" "a:-DFLAG=1" ...
 # (SRC: a copy of an earlier kernel beside wgmma.cuh, for a baseline in the same run)
 export PYTHONPATH=$PWD QUANTATTN_CACHE=/tmp/qa_cache PYTHONUNBUFFERED=1
@@ -30,8 +31,7 @@ if [ -n "$NCU_LABELS" ]; then
       ncu -i "$OUT/ncu_$tag.ncu-rep" --page raw --csv > "$OUT/ncu_${tag}_raw.csv" 2>&1
       ncu -i "$OUT/ncu_$tag.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_${tag}_sass.csv" 2>&1
       rm -f "$OUT/ncu_$tag.ncu-rep"
-      grep -E "Duration|Throughput|Issue Slots|Eligible|No Eligible|pipe_(xu|alu|fma|fmaheavy|tensor|shared)" "$OUT/ncu_${tag}.txt" | head -30
-      grep -E "Duration|Issued Warp|No Eligible|Active Warps Per" "$OUT/ncu_${tag}.txt" | head
+      grep -E "Duration|Issue Slots|Issued Warp|Eligible|Active Warps Per|pipe_(xu|alu|fma|tensor)_" "$OUT/ncu_${tag}.txt" | head -30
     done
   done
 fi

@@ -10,29 +10,11 @@ import sys
 import torch
 
 import quantattn as qa
+from quantattn.bench.timing import median_seconds
 from quantattn.config import QuantConfig
 from quantattn.hopper import launch as HL
+from quantattn.metrics import relative_l1
 from quantattn.reference import attention_fp64
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
-
-
-def timed(fn, reps=10):
-    for _ in range(2):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2] * 1e-3
 
 
 def accuracy():
@@ -43,7 +25,7 @@ def accuracy():
     for kk in (k, k_out):
         o = qa.sageattn(q, kk, v, "HND", False, backend="hopper")
         ref = qa.sageattn(q, kk, v, "HND", False, backend="reference")
-        res += [rel_l1(o, attention_fp64(q, kk, v, False)), rel_l1(o, ref), bool(torch.isnan(o).any())]
+        res += [relative_l1(o, attention_fp64(q, kk, v, False)), relative_l1(o, ref), bool(torch.isnan(o).any())]
     return res
 
 
@@ -51,7 +33,7 @@ def kernel_tops(n, causal, cfg, b=4, h=32, d=128):
     q, k, v = (torch.randn(b, h, n, d, device="cuda").bfloat16() for _ in range(3))
     out = torch.empty_like(q)
     kvh = HL.preprocess(k, v, cfg)
-    t = timed(lambda: HL.attention(q, kvh, causal, 1 / math.sqrt(d), out))
+    t = median_seconds(lambda: HL.attention(q, kvh, causal, 1 / math.sqrt(d), out))
     return 4 * b * h * n * n * d / (2 if causal else 1) / t / 1e12
 
 

@@ -12,15 +12,12 @@ import torch
 
 import quantattn as qa
 from quantattn import hopper
+from quantattn.bench.timing import median_seconds
 from quantattn.config import QuantConfig
 from quantattn.hopper import launch as HL
 from quantattn.kernels import launch as L
+from quantattn.metrics import relative_l1
 from quantattn.reference import attention_fp64
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
 
 
 def correctness():
@@ -52,32 +49,17 @@ def correctness():
         ot, lt = qa.sageattn(q, k, v, "HND", causal, return_lse=True, backend="triton")
         orf = qa.sageattn(q, k, v, "HND", causal, backend="reference")
         o64 = attention_fp64(q, k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1), causal)
-        e_h, e_t, e_64 = rel_l1(oh, orf), rel_l1(ot, orf), rel_l1(oh, o64)
+        e_h, e_t, e_64 = relative_l1(oh, orf), relative_l1(ot, orf), relative_l1(oh, o64)
         lse_err = (lh - lt).abs().max().item()
         nan = torch.isnan(oh).any().item()
-        good = e_h < 0.1 * rel_l1(orf, o64) + 1e-4 and not nan and lse_err < 1e-2
+        good = e_h < 0.1 * relative_l1(orf, o64) + 1e-4 and not nan and lse_err < 1e-2
         ok &= good
         print(
             f"  {'ok ' if good else 'BAD'} B{b} Hq{hq} Hkv{hkv} Nq{nq} Nk{nk} d{d} causal={causal}: "
-            f"hopper {e_h:.5f} triton {e_t:.5f} (ref vs fp64 {rel_l1(orf, o64):.5f}, hopper vs fp64 {e_64:.5f}) "
+            f"hopper {e_h:.5f} triton {e_t:.5f} (ref vs fp64 {relative_l1(orf, o64):.5f}, hopper vs fp64 {e_64:.5f}) "
             f"lse max diff {lse_err:.2e} nan={nan}"
         )
     return ok
-
-
-def timed(fn, reps=20):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2] * 1e-3
 
 
 def speed(quick):
@@ -104,16 +86,18 @@ def speed(quick):
         work = 4 * b * h * n * n * d / (2 if causal else 1)
         out = torch.empty_like(q)
         res = {}
-        res["hopper whole"] = timed(lambda: qa.sageattn(q, k, v, "HND", causal, backend="hopper"))
+        res["hopper whole"] = median_seconds(lambda: qa.sageattn(q, k, v, "HND", causal, backend="hopper"))
         kvh = HL.preprocess(k, v, cfg)
-        res["hopper kernel"] = timed(lambda: HL.attention(q, kvh, causal, 1 / math.sqrt(d), out))
-        res["hopper preprocess"] = timed(lambda: HL.preprocess(k, v, cfg))
-        res["triton whole"] = timed(lambda: qa.sageattn(q, k, v, "HND", causal, backend="triton"))
+        res["hopper kernel"] = median_seconds(lambda: HL.attention(q, kvh, causal, 1 / math.sqrt(d), out))
+        res["hopper preprocess"] = median_seconds(lambda: HL.preprocess(k, v, cfg))
+        res["triton whole"] = median_seconds(lambda: qa.sageattn(q, k, v, "HND", causal, backend="triton"))
         kvt = L.preprocess_kv(k, v, cfg, L.sequences(k, None, 0))
         seqs = L.sequences(q, None, 0)
-        res["triton kernel"] = timed(lambda: L.attention(q, kvt, causal, 1 / math.sqrt(d), out, None, seqs))
+        res["triton kernel"] = median_seconds(lambda: L.attention(q, kvt, causal, 1 / math.sqrt(d), out, None, seqs))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            res["cudnn"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            res["cudnn"] = median_seconds(
+                lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            )
         line = f"  d{d} N{n} causal={causal}: " + ", ".join(
             f"{name} {work / t / 1e12:.0f}" if "preprocess" not in name else f"{name} {t * 1e3:.3f} ms"
             for name, t in res.items()

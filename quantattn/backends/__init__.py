@@ -174,7 +174,7 @@ class HopperBackend:
         return reasons
 
     # backend="auto" takes it where it was measured faster than the Triton kernel as a whole call (H100,
-    # session 5's benchmark, bench/results/README.md: head_dim 128 from 8K queries up); below that and at
+    # bench/results/2026-11-23_054208_H100_session5: head_dim 128 from 8K queries up); below that and at
     # head_dim 64 the Triton path is as fast or faster
     AUTO_MIN_QUERIES = 8192
 

@@ -83,6 +83,11 @@ def measure(
     return summarize([clock.elapsed_ms(a, b) for a, b in marks], warmups)
 
 
+def median_seconds(fn: Callable[[], object], **kwargs) -> float:
+    """Median time of fn() in seconds, by `measure`'s protocol (for scripts that time a closure)."""
+    return measure(fn, [()], **kwargs).median_ms * 1e-3
+
+
 class _CudaClock:
     @staticmethod
     def mark():
