@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv | te
 for spec in "$@"; do
   label=${spec%%:*}; defs=${spec#*:}; src=quantattn/hopper/attention.cu
   case "$defs" in SRC=*) src=${defs#SRC=}; defs="";; esac  # another source (e.g. a baseline's copy)
-  $NVCC $FLAGS $defs -o /tmp/lib_$label.so $src &
+  $NVCC $FLAGS $defs -o /tmp/lib_$label.so $src quantattn/hopper/preprocess.cu &
 done
 wait
 for spec in "$@"; do

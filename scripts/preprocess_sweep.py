@@ -1,36 +1,43 @@
-"""GPU time of the K/V preprocessing alone (one launch), against a copy of K and V as the bandwidth
-yardstick, for a few tunings of the chunking: python3 scripts/preprocess_sweep.py"""
+"""GPU time of the K/V preprocessing alone (one launch) for the Hopper layout: the Triton kernel and the
+CUDA one (quantattn/hopper/preprocess.cu), against a copy of K and V as the bandwidth yardstick.
+Usage (GPU): [CONFIGS="64:512 16:512"] python3 scripts/preprocess_sweep.py [head_dim ...] (CONFIGS: the CUDA
+preprocessing's MAX_CHUNKS:LAG_CHUNKS settings to time, one column each)"""
+
+import os
+import sys
 
 import torch
 
+from quantattn.bench.timing import median_seconds
 from quantattn.config import QuantConfig
+from quantattn.hopper import launch as hopper_launch
 from quantattn.kernels import launch
 
 
-def gpu_ms(fn, reps=50):
-    for _ in range(5):
-        fn()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / reps
+def main(head_dims):
+    cfg = QuantConfig()
+    default = f"{hopper_launch.MAX_CHUNKS}:{hopper_launch.LAG_CHUNKS}"
+    configs = [tuple(int(v) for v in x.split(":")) for x in os.environ.get("CONFIGS", default).split()]
+    head = f"{'d':>4} {'N':>6} {'copy K,V us':>12} {'Triton us':>10}"
+    head += "".join(f" {'CUDA ' + str(c) + ':' + str(lag):>13}" for c, lag in configs)
+    print(head + f" {'best GB/s':>10} {'speed-up':>9}")
+    for d in head_dims:
+        for n in (1024, 2048, 4096, 8192, 16384, 32768):
+            k, v = (torch.randn(4, 32, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            kc, vc = torch.empty_like(k), torch.empty_like(v)
+            copy = median_seconds(lambda: (kc.copy_(k), vc.copy_(v)))
+            seqs = launch.sequences(k, None, 0)
+            tri = median_seconds(lambda: launch.preprocess_kv(k, v, cfg, seqs, wgmma_order=True))
+            times = []
+            for hopper_launch.MAX_CHUNKS, hopper_launch.LAG_CHUNKS in configs:
+                times.append(median_seconds(lambda: hopper_launch.preprocess(k, v, cfg, seqs)))
+            cuda = min(times)
+            moved = k.numel() * (2 + 2 + 1 + 1) + k.numel() // d * 4  # read K, V; write INT8 K, FP8 V, scales
+            cols = "".join(f" {t * 1e6:>13.1f}" for t in times)
+            print(
+                f"{d:>4} {n:>6} {copy * 1e6:>12.1f} {tri * 1e6:>10.1f}{cols} {moved / cuda / 1e9:>10.0f} {tri / cuda:>8.2f}x"
+            )
 
 
-cfg = QuantConfig()
-print(
-    f"{'N':>6} {'copy K,V ms':>12} {'max_chunks':>10} {'lag_chunks':>10} {'warps':>5} {'preprocess ms':>14} {'GB/s (r+w)':>11}"
-)
-for n in (1024, 4096, 16384):
-    k, v = (torch.randn(4, 32, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    kc, vc = torch.empty_like(k), torch.empty_like(v)
-    copy = gpu_ms(lambda: (kc.copy_(k), vc.copy_(v)))
-    seqs = launch.sequences(k, None, 0)
-    for max_chunks, lag, warps in ((64, 512, 4), (64, 64, 4), (64, 4096, 4), (16, 512, 4), (64, 512, 8), (64, 512, 2)):
-        if True:
-            launch.MAX_CHUNKS, launch.LAG_CHUNKS, launch.PREPROCESS_WARPS = max_chunks, lag, warps
-            ms = gpu_ms(lambda: launch.preprocess_kv(k, v, cfg, seqs))
-            gbs = (k.numel() * 2 * 2 + k.numel() * 2 + k.numel() // 32 * 4) / ms / 1e6
-            print(f"{n:>6} {copy:>12.3f} {max_chunks:>10} {lag:>10} {warps:>5} {ms:>14.3f} {gbs:>11.0f}")
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]] or [128, 64])

@@ -1,4 +1,5 @@
-"""The native Hopper backend: a CUDA C++ attention kernel (wgmma, TMA, warp-specialized) for sm_90.
+"""The native Hopper backend: a CUDA C++ attention kernel (wgmma, TMA, warp-specialized) for sm_90, and
+the K/V preprocessing it reads (one launch at copy speed).
 
 Optional: it needs an H100/H200-class GPU and a CUDA compiler (nvcc) the first time (see build.py);
 everything else runs the Triton kernels. QUANTATTN_HOPPER=0 keeps backend="auto" off it.
@@ -22,6 +23,15 @@ _ARGTYPES = (
     + [ctypes.c_float] * 2  # qk_scale, sm_scale
     + [ctypes.c_void_p]  # stream
 )  # fmt: skip
+_PREPROCESS_ARGTYPES = (
+    [ctypes.c_void_p] + [ctypes.c_int64] * 3  # k and its strides
+    + [ctypes.c_void_p] + [ctypes.c_int64] * 3  # v and its strides
+    + [ctypes.c_int] * 6  # h, n, heads, n_chunks, blocks_per_chunk, lag
+    + [ctypes.c_void_p] * 5 + [ctypes.c_int64]  # partials, stats, sync, kq, k_scale, its row stride
+    + [ctypes.c_void_p, ctypes.c_int64]  # V^T and its padded key count
+    + [ctypes.c_int] * 3  # head_dim, is_bf16, smooth_k
+    + [ctypes.c_void_p]  # stream
+)  # fmt: skip
 
 ERRORS = {
     -1: "the CUDA driver has no cuTensorMapEncodeTiled",
@@ -34,6 +44,7 @@ ERRORS = {
 
 class _State:
     lib = None
+    preprocess = None
     reason: str | None = None
 
 
@@ -52,6 +63,11 @@ def _load() -> _State:
         fn.argtypes = _ARGTYPES
         fn.restype = ctypes.c_int
         state.lib = fn
+        pre = getattr(lib, "quantattn_hopper_preprocess", None)  # None: a library built before it existed
+        if pre is not None:
+            pre.argtypes = _PREPROCESS_ARGTYPES
+            pre.restype = ctypes.c_int
+            state.preprocess = pre
     except (OSError, RuntimeError) as exc:
         state.reason = f"the Hopper kernel could not be built or loaded: {exc}"
     return state
@@ -88,3 +104,12 @@ def kernel():
     if state.lib is None:
         raise RuntimeError(state.reason)
     return state.lib
+
+
+def preprocess_kernel():
+    """The ctypes function of the K/V preprocessing (loads or builds the library), or None when the
+    library (QUANTATTN_HOPPER_LIB) has none."""
+    state = _load()
+    if state.lib is None:
+        raise RuntimeError(state.reason)
+    return state.preprocess

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common.cuh"
 #include "wgmma.cuh"
 
 namespace quantattn_hopper {
@@ -28,10 +29,7 @@ constexpr int CONSUMERS = 2;     // consumer warpgroups per CTA
 constexpr int BLOCK_M = WG_ROWS * CONSUMERS;
 constexpr int THREADS = 128 * (CONSUMERS + 1);
 constexpr int STAGES = 4;
-constexpr float QMAX = 127.0f;
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // P is scaled inside the exponent: exp2(x + log2 448)
-constexpr float V_RANGE = 448.0f;
-constexpr float AMAX_FLOOR = 1e-30f;
 
 struct Params {
   CUtensorMap tm_k;   // int8 K [B*Hkv][Nk][D]
@@ -132,17 +130,6 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-// Two floats -> two E4M3 bytes (round to nearest even, saturating, NaN kept), lo in the low byte.
-__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
-  uint16_t r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-__device__ __forceinline__ uint32_t pack_s8x4(int a, int b, int c, int d) {
-  return (uint32_t(a) & 0xFF) | ((uint32_t(b) & 0xFF) << 8) | ((uint32_t(c) & 0xFF) << 16) | (uint32_t(d) << 24);
-}
-
 // Byte offset of (row, byte) in a tile of ROW_BYTES-byte rows as TMA's 128B / 64B swizzle lays it out
 // (tile 1024-byte aligned): the 16-byte chunk index is XORed with row bits 0-2 (128B) or 1-2 (64B).
 template <int ROW_BYTES>
@@ -193,17 +180,6 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xFFFFFFFF, x, 1);
   return x + __shfl_xor_sync(0xFFFFFFFF, x, 2);
-}
-
-template <typename T>
-__device__ __forceinline__ float to_f32(T x);
-template <>
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-__device__ __forceinline__ float to_f32(__half x) {
-  return __half2float(x);
 }
 
 template <typename T>

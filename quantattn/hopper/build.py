@@ -1,4 +1,4 @@
-"""Builds the Hopper kernel's shared library with nvcc, on first use (or ahead of time, below), into a
+"""Builds the Hopper backend's shared library (attention kernel and K/V preprocessing) with nvcc, on first use (or ahead of time, below), into a
 cache folder keyed by the sources' hash.
 
 The library holds plain CUDA C++ (no PyTorch headers), so one build serves every torch version and it
@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("attention.cu", "wgmma.cuh")
+SOURCES = ("attention.cu", "preprocess.cu", "common.cuh", "wgmma.cuh")
+UNITS = ("attention.cu", "preprocess.cu")  # the translation units
 LIB_NAME = "libquantattn_hopper.so"
 # sm_90a: wgmma and setmaxnreg exist only for the architecture-specific target
 NVCC_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC"]
@@ -53,7 +54,7 @@ def compile_library(out_dir: str | os.PathLike, nvcc: str | None = None) -> Path
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / LIB_NAME
     tmp = out_dir / f".{LIB_NAME}.{os.getpid()}"
-    cmd = [nvcc, *NVCC_FLAGS, "-o", str(tmp), str(HERE / "attention.cu")]
+    cmd = [nvcc, *NVCC_FLAGS, "-o", str(tmp), *(str(HERE / name) for name in UNITS)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}")

@@ -1,7 +1,10 @@
-"""Launcher of the Hopper kernel: the Triton preprocessing (in the layout TMA and wgmma read), then the
-CUDA kernel, on the current stream. No host synchronization, no tensor ops besides the buffers."""
+"""Launchers of the Hopper backend: the K/V preprocessing (CUDA, or Triton's where the CUDA one cannot read
+the tensors), in the layout TMA and wgmma read, then the attention kernel, on the current stream. No host
+synchronization, no tensor ops besides the buffers."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -11,6 +14,11 @@ from quantattn.kernels import launch as L
 from quantattn.reference.attention import LOG2E
 
 HEAD_DIMS = (64, 128)
+# CUDA preprocessing: at most MAX_CHUNKS chunks per (batch, kv head) (the Triton kernel's number: the same
+# buffers), about LAG_CHUNKS chunks between a chunk's statistics and its quantization. Measured on the H100
+# (docs/perf-notes.md, session 6): 64 chunks were slower from 2K to 8K keys, other lags no faster.
+MAX_CHUNKS = L.MAX_CHUNKS
+LAG_CHUNKS = 512
 DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -40,9 +48,44 @@ def tensor_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     return reasons
 
 
+def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences) -> str | None:
+    """Why the CUDA preprocessing cannot take K and V (it reads rows with 16-byte loads; dense calls only)."""
+    if os.environ.get("QUANTATTN_HOPPER_PREPROCESS", "1") == "0":
+        return "QUANTATTN_HOPPER_PREPROCESS=0"
+    if hopper.preprocess_kernel() is None:
+        return "the Hopper library has no preprocessing (built from older sources)"
+    if seqs.is_varlen or seqs.has_lengths:
+        return "varlen and key lengths are preprocessed by Triton"
+    if k.dtype not in DTYPES or v.dtype != k.dtype or k.shape[-1] not in HEAD_DIMS:
+        return "float16 or bfloat16 K and V of head_dim 64 or 128 only"
+    for t in (k, v):
+        if t.stride(-1) != 1 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return "rows of K and V must start at 16-byte boundaries"
+    return None
+
+
 def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences | None = None) -> L.QuantizedKV:
-    """K and V (HND views) smoothed and quantized in the Hopper kernel's layout."""
-    return L.preprocess_kv(k, v, cfg, seqs or L.sequences(k, None, 0), wgmma_order=True)
+    """K and V (HND views) smoothed and quantized in the Hopper kernel's layout: by the CUDA preprocessing
+    where it can read them, else by the Triton one (the same buffers and values, up to the rounding of
+    the statistics' sums)."""
+    seqs = seqs or L.sequences(k, None, 0)
+    if native_preprocess_reason(k, v, seqs) is not None:
+        return L.preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
+    buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, max_chunks=MAX_CHUNKS)
+    if buf.sync is not None:
+        b, h, n, d = k.shape
+        stream = torch.cuda.current_stream(k.device).cuda_stream
+        err = hopper.preprocess_kernel()(
+            k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+            v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+            h, n, b * h, buf.n_chunks, buf.per_chunk, min(b * h, max(1, LAG_CHUNKS // buf.n_chunks)),
+            buf.partials.data_ptr(), buf.stats.data_ptr(), buf.sync.data_ptr(),
+            buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1), buf.vq.data_ptr(), buf.vq.shape[-1],
+            d, k.dtype == torch.bfloat16, cfg.smooth_k, stream,
+        )  # fmt: skip
+        if err:
+            raise RuntimeError(f"quantattn Hopper preprocessing: {hopper.ERRORS.get(err, err)}")
+    return buf.result(cfg, seqs)
 
 
 def attention(

@@ -206,20 +206,35 @@ def _check_strides(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def preprocess_kv(
-    k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences, wgmma_order: bool = False
-) -> QuantizedKV:
-    """Smooth and quantize K (and V, for FP8 PV or smooth V) in one launch.
+@dataclass
+class KVBuffers:
+    """What the K/V preprocessing writes, and its scratch: shared by the Triton launch below and the Hopper
+    backend's CUDA preprocessing (quantattn/hopper/launch.py), which take the same buffers."""
 
-    wgmma_order (dense FP8 PV only): the layout the Hopper backend reads through TMA: V^T's keys
-    permuted inside each 32-key chunk (zeros up to a multiple of 32) and k_scale rows of a multiple of 4
-    floats (TMA wants 16-byte row strides)."""
-    k, v = _check_strides(k), _check_strides(v)
+    stats: torch.Tensor  # float32 [2, 3, S, H, d]: K's trimmed mean, max, min; V's mean, max, min
+    kq: torch.Tensor
+    k_scale: torch.Tensor
+    vq: torch.Tensor
+    v_mode: int  # 0: V as given, 1: FP8 V^T, 2: smoothed V in the PV dtype
+    vq_strides: tuple
+    per_chunk: int = 0  # QUANT_BLOCK-key blocks per chunk of a (sequence, head)
+    n_chunks: int = 0
+    lag: int = 0  # heads between a chunk's statistics and its quantization
+    partials: torch.Tensor | None = None  # [heads, n_chunks, PARTIAL_ROWS, d_pad]
+    sync: torch.Tensor | None = None  # int32 [1 + heads], zeroed: the ticket counter, arrivals per head
+
+    def result(self, cfg: QuantConfig, seqs: Sequences) -> QuantizedKV:
+        k_stats, v_stats = (tuple(t.unbind(0)) for t in self.stats.unbind(0))
+        return QuantizedKV(self.kq, self.k_scale, self.vq, cfg.is_fp8_pv, k_stats, v_stats, cfg, seqs)
+
+
+def kv_buffers(
+    k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences, wgmma_order: bool, max_chunks: int = MAX_CHUNKS
+) -> KVBuffers:
+    """The preprocessing's outputs and scratch for K and V (HND views), with at most max_chunks chunks per
+    (sequence, head); no scratch when there is no work."""
     b, h, n, d = k.shape
-    d_pad = head_dim_pad(d)
     heads = seqs.count * h
-    need_v_stats = cfg.is_fp8_pv or cfg.smooth_v
-    assert not wgmma_order or (cfg.is_fp8_pv and not seqs.is_varlen)
     stats = torch.empty(2, 3, seqs.count, h, d, dtype=torch.float32, device=k.device)
     kq = torch.empty(b, h, n, d, dtype=torch.int8, device=k.device)
     if wgmma_order:
@@ -237,36 +252,55 @@ def preprocess_kv(
         v_mode, vq_strides = 2, (vq.stride(0), vq.stride(1), vq.stride(2), 1)
     else:
         vq, v_mode, vq_strides = v, 0, (v.stride(0), v.stride(1), v.stride(2), 1)
+    buf = KVBuffers(stats, kq, k_scale, vq, v_mode, vq_strides)
     if heads and seqs.max_len:
         blocks = cdiv(seqs.max_len, QUANT_BLOCK)
-        per_chunk = next_power_of_2(cdiv(blocks, MAX_CHUNKS))  # a power of two: few compiled variants
-        n_chunks = cdiv(blocks, per_chunk)
-        partials = torch.empty(heads, n_chunks, PARTIAL_ROWS.value, d_pad, dtype=torch.float32, device=k.device)
+        buf.per_chunk = next_power_of_2(cdiv(blocks, max_chunks))  # a power of two: few compiled variants
+        buf.n_chunks = cdiv(blocks, buf.per_chunk)
+        buf.partials = torch.empty(
+            heads, buf.n_chunks, PARTIAL_ROWS.value, head_dim_pad(d), dtype=torch.float32, device=k.device
+        )
         # zeroed per call (a memset, not a kernel): no state between calls, so concurrent streams,
         # CUDA-graph replays and torch.compile's graph pools need no care
-        sync = torch.zeros(heads + 1, dtype=torch.int32, device=k.device)
+        buf.sync = torch.zeros(heads + 1, dtype=torch.int32, device=k.device)
         # heads between a chunk's statistics and its quantization: ~LAG_CHUNKS chunks in between
-        lag = min(heads, max(1, LAG_CHUNKS // n_chunks))
+        buf.lag = min(heads, max(1, LAG_CHUNKS // buf.n_chunks))
+    return buf
+
+
+def preprocess_kv(
+    k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences, wgmma_order: bool = False
+) -> QuantizedKV:
+    """Smooth and quantize K (and V, for FP8 PV or smooth V) in one launch.
+
+    wgmma_order (dense FP8 PV only): the layout the Hopper backend reads through TMA: V^T's keys
+    permuted inside each 32-key chunk (zeros up to a multiple of 32) and k_scale rows of a multiple of 4
+    floats (TMA wants 16-byte row strides)."""
+    k, v = _check_strides(k), _check_strides(v)
+    _, h, _, d = k.shape
+    assert not wgmma_order or (cfg.is_fp8_pv and not seqs.is_varlen)
+    buf = kv_buffers(k, v, cfg, seqs, wgmma_order)
+    if buf.sync is not None:
         args = (
             k, k.stride(0), k.stride(1), k.stride(2),
             v, v.stride(0), v.stride(1), v.stride(2),
-            _cu(seqs, k), seqs.n_dense, h, heads, n_chunks, lag,
-            partials, stats, sync,
-            kq, kq.stride(0), kq.stride(1), kq.stride(2),
-            k_scale, k_scale.stride(0), k_scale.stride(1),
-            vq, *vq_strides,
+            _cu(seqs, k), seqs.n_dense, h, seqs.count * h, buf.n_chunks, buf.lag,
+            buf.partials, buf.stats, buf.sync,
+            buf.kq, buf.kq.stride(0), buf.kq.stride(1), buf.kq.stride(2),
+            buf.k_scale, buf.k_scale.stride(0), buf.k_scale.stride(1),
+            buf.vq, *buf.vq_strides,
         )  # fmt: skip
         constexprs = dict(
-            BLOCKS_PER_CHUNK=per_chunk,
+            BLOCKS_PER_CHUNK=buf.per_chunk,
             GRAN=GRAN_CODE[cfg.qk_granularity], QMAX=cfg.qmax, SMOOTH_K=cfg.smooth_k,
-            V_STATS=need_v_stats, V_MODE=v_mode, SMOOTH_V=cfg.smooth_v,
+            V_STATS=cfg.is_fp8_pv or cfg.smooth_v, V_MODE=buf.v_mode, SMOOTH_V=cfg.smooth_v,
             V_RANGE=cfg.v_range if cfg.is_fp8_pv else 1.0, EXACT_CASTS=exact_casts(k.device),
-            HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen, LENGTHS=seqs.has_lengths,
-            V_WGMMA_ORDER=wgmma_order,
+            HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen,
+            LENGTHS=seqs.has_lengths, V_WGMMA_ORDER=wgmma_order,
         )  # fmt: skip
-        launch_preprocess_kv(((heads + lag) * n_chunks,), args, constexprs, num_warps=PREPROCESS_WARPS, num_stages=1)
-    k_stats, v_stats = (tuple(t.unbind(0)) for t in stats.unbind(0))
-    return QuantizedKV(kq, k_scale, vq, cfg.is_fp8_pv, k_stats, v_stats, cfg, seqs)
+        grid = ((seqs.count * h + buf.lag) * buf.n_chunks,)
+        launch_preprocess_kv(grid, args, constexprs, num_warps=PREPROCESS_WARPS, num_stages=1)
+    return buf.result(cfg, seqs)
 
 
 def _smooth_q_terms(q: torch.Tensor, kv: QuantizedKV, k: torch.Tensor, qk_scale: float):

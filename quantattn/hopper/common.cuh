@@ -1,0 +1,46 @@
+// Device helpers and constants shared by the attention kernel (attention.cu) and the K/V preprocessing
+// (preprocess.cu): what both compute must round the same way.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace quantattn_hopper {
+
+constexpr float QMAX = 127.0f;       // INT8 range of Q and K
+constexpr float V_RANGE = 448.0f;    // E4M3's largest finite value: V's per-channel scale maps amax to it
+constexpr float AMAX_FLOOR = 1e-30f;  // all-zero rows and channels get a finite scale
+
+// Two floats -> two E4M3 bytes (round to nearest even, saturating, NaN kept), lo in the low byte.
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t pack_s8x4(int a, int b, int c, int d) {
+  return (uint32_t(a) & 0xFF) | ((uint32_t(b) & 0xFF) << 8) | ((uint32_t(c) & 0xFF) << 16) | (uint32_t(d) << 24);
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T x);
+template <>
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ float to_f32(__half x) {
+  return __half2float(x);
+}
+
+// Eight 16-bit elements (one 16-byte load) as floats.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = to_f32(e[i]);
+}
+
+__device__ __forceinline__ bool is_finite(float x) { return fabsf(x) < INFINITY; }
+
+}  // namespace quantattn_hopper

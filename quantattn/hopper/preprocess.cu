@@ -1,0 +1,435 @@
+// K/V preprocessing of the Hopper backend, one launch: smooth K's statistics, INT8 K with one scale per
+// key, FP8 V^T with one scale per channel in the key order the attention kernel reads (layout.py).
+//
+// It computes what quantattn/kernels/quant.py's preprocess_kv_kernel computes (same buffers, same
+// ticket scheme: see that kernel's docstring), but it is written for copy speed: 16-byte loads and
+// stores, K and V statistics in registers, V transposed through shared memory in 4-key words. The
+// Triton kernel needs 229 registers per thread at head_dim 128 and ran at about a third of copy speed
+// (docs/perf-notes.md, session 6).
+//
+// Work unit: a chunk of blocks_per_chunk * 64 keys of one (batch, kv head). CTA with ticket t takes the
+// statistics of chunk t % n_chunks of head t / n_chunks, then quantizes the same chunk of head
+// t / n_chunks - lag once that head's statistics are complete. Tickets are taken in start order, and a
+// CTA waits only for smaller tickets, so the launch cannot deadlock whatever the residency.
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "common.cuh"
+
+namespace quantattn_hopper {
+namespace prep {
+
+constexpr int THREADS = 256;
+#ifndef QUANTATTN_PREP_MIN_BLOCKS
+#define QUANTATTN_PREP_MIN_BLOCKS 3
+#endif
+constexpr int MIN_BLOCKS = QUANTATTN_PREP_MIN_BLOCKS;  // CTAs per SM the registers must allow
+constexpr int WARPS = THREADS / 32;
+constexpr int BLOCK = 64;          // keys per quantization block (config.K_BLOCK_KEYS)
+constexpr int PARTIAL_ROWS = 7;    // per chunk and channel: K sum, max, min; V sum, max, min; K finite count
+constexpr int K_COUNT_ROW = 6;
+constexpr int V_ROW_BYTES = 72;    // a row of the shared V^T tile: 64 keys, padded so that the 4-byte
+                                   // stores of channels 8 apart fall in different banks
+
+struct Params {
+  const void* k;
+  int64_t k_sb, k_sh, k_sn;  // element strides; channel stride 1
+  const void* v;
+  int64_t v_sb, v_sh, v_sn;
+  int h, n, heads, n_chunks, blocks_per_chunk, lag;
+  float* part;   // [heads, n_chunks, PARTIAL_ROWS, D]
+  float* stats;  // [2, 3, heads, D]: K trimmed mean, max, min; V mean, max, min
+  int* sync;     // [1 + heads]: the ticket counter, then arrivals per head (zeroed before the launch)
+  int8_t* kq;    // [heads, n, D]
+  float* k_scale;  // [heads, ks_stride]
+  int64_t ks_stride;
+  uint8_t* vq;   // [heads, D, n_pad], keys permuted inside each 32-key chunk
+  int64_t n_pad;
+};
+
+// Thread layouts. Statistics and K: thread (r, c) holds channels 8c..8c+7 of rows r, r + ROWS, ...
+// V's quantization: thread (g, c, quad) holds channels 8c..8c+7 of the four keys whose FP8 values share
+// one 4-byte word of V^T in the attention kernel's order, in 64-key block g of a group of V_GROUPS.
+template <int D>
+struct Layout {
+  static constexpr int VECS = D / 8;                      // 16-byte vectors per row
+  static constexpr int ROWS = THREADS / VECS;             // rows one pass over the CTA covers
+  static constexpr int PASSES = BLOCK / ROWS;
+  static constexpr int V_GROUPS = THREADS / (VECS * 16);  // 64-key blocks of V quantized at once
+  static constexpr int V_SEGMENTS = V_GROUPS * D * BLOCK / 16;  // 16-byte pieces of their V^T tiles
+};
+
+template <int D>
+struct Shared {
+  union {
+    float red[WARPS / 2][PARTIAL_ROWS][D];  // each warp's share of the chunk's partials (K or V rows)
+    uint8_t vt[Layout<D>::V_GROUPS][D][V_ROW_BYTES];
+  };
+  int ticket;
+  int arrived;
+};
+
+template <typename T>
+__device__ __forceinline__ uint4 load_row(const T* base, int row, int n, int64_t stride, int col) {
+  return row < n ? __ldg(reinterpret_cast<const uint4*>(base + row * stride + col)) : make_uint4(0, 0, 0, 0);
+}
+
+__device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+
+// Per channel sums, maxima and minima of the finite elements of one tensor's rows, one thread's share.
+struct Partial {
+  float sum[8], max[8], min[8], count[8];
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum[e] = 0.f, max[e] = -INFINITY, min[e] = INFINITY, count[e] = 0.f;
+  }
+  __device__ __forceinline__ void add(const float (&x)[8], bool counted) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const bool ok = is_finite(x[e]);
+      sum[e] += ok ? x[e] : 0.f;
+      max[e] = fmaxf(max[e], ok ? x[e] : -INFINITY);
+      min[e] = fminf(min[e], ok ? x[e] : INFINITY);
+      if (counted) count[e] += ok ? 1.f : 0.f;
+    }
+  }
+  // combine the lanes that hold the same channels (lanes VECS apart), then write the warp's share
+  template <int VECS>
+  __device__ __forceinline__ void to_shared(float (&red)[PARTIAL_ROWS][VECS * 8], int first_row, int lane,
+                                            bool counted) {
+#pragma unroll
+    for (int off = VECS; off < 32; off *= 2) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        sum[e] += __shfl_xor_sync(0xFFFFFFFF, sum[e], off);
+        max[e] = fmaxf(max[e], __shfl_xor_sync(0xFFFFFFFF, max[e], off));
+        min[e] = fminf(min[e], __shfl_xor_sync(0xFFFFFFFF, min[e], off));
+        if (counted) count[e] += __shfl_xor_sync(0xFFFFFFFF, count[e], off);
+      }
+    }
+    if (lane < VECS) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        red[first_row][8 * lane + e] = sum[e];
+        red[first_row + 1][8 * lane + e] = max[e];
+        red[first_row + 2][8 * lane + e] = min[e];
+        if (counted) red[K_COUNT_ROW][8 * lane + e] = count[e];
+      }
+    }
+  }
+};
+
+// What combining partial row q with leaves it unchanged (rows 1, 4 are maxima, 2, 5 minima, the rest sums).
+__device__ __forceinline__ float identity(int q) {
+  return (q == 1 || q == 4) ? -INFINITY : (q == 2 || q == 5) ? INFINITY : 0.f;
+}
+
+// Partial row q of the chunk, channel ch: the warps' shares combined in warp order.
+template <int D>
+__device__ __forceinline__ float combine_warps(const Shared<D>& sm, int q, int ch) {
+  const bool is_max = q == 1 || q == 4, is_min = q == 2 || q == 5;
+  float acc = sm.red[0][q][ch];
+#pragma unroll
+  for (int w = 1; w < WARPS / 2; ++w) {
+    const float x = sm.red[w][q][ch];
+    acc = is_max ? fmaxf(acc, x) : is_min ? fminf(acc, x) : acc + x;
+  }
+  return acc;
+}
+
+// The head's last chunk to finish: its chunks' partials (in chunk order, so that the result does not
+// depend on which CTA ran last) -> STATS. K's centre is the trimmed mean of the finite elements,
+// (sum - max - min) / (finite - 2), zero where fewer than 3 are finite (reference.quant.smoothing_vector_k).
+template <int D>
+__device__ __forceinline__ void reduce_statistics(const Params& p, int head, int ch) {
+  const float* part = p.part + int64_t(head) * p.n_chunks * PARTIAL_ROWS * D + ch;
+  float acc[PARTIAL_ROWS];
+#pragma unroll
+  for (int q = 0; q < PARTIAL_ROWS; ++q) acc[q] = identity(q);
+  constexpr int AT_ONCE = 8;  // chunks whose loads are in flight together (one L2 latency, not eight)
+  for (int c0 = 0; c0 < p.n_chunks; c0 += AT_ONCE) {
+    float x[AT_ONCE][PARTIAL_ROWS];
+#pragma unroll
+    for (int c = 0; c < AT_ONCE; ++c)
+#pragma unroll
+      for (int q = 0; q < PARTIAL_ROWS; ++q)
+        x[c][q] = c0 + c < p.n_chunks ? __ldcg(part + (c0 + c) * PARTIAL_ROWS * D + q * D) : identity(q);
+#pragma unroll
+    for (int c = 0; c < AT_ONCE; ++c)
+#pragma unroll
+      for (int q = 0; q < PARTIAL_ROWS; ++q)
+        acc[q] = (q == 1 || q == 4) ? fmaxf(acc[q], x[c][q]) : (q == 2 || q == 5) ? fminf(acc[q], x[c][q]) : acc[q] + x[c][q];
+  }
+  const float finite = acc[K_COUNT_ROW];
+  const bool enough = finite >= 3.f;
+  const float trimmed = acc[0] - (enough ? acc[1] : 0.f) - (enough ? acc[2] : 0.f);
+  const float k_centre = enough ? __fdiv_rn(trimmed, fmaxf(finite - 2.f, 1.f)) : 0.f;
+  const float v_mean = __fdiv_rn(acc[3], fmaxf(float(p.n), 1.f));
+  const int64_t plane = int64_t(p.heads) * D;
+  float* out = p.stats + int64_t(head) * D + ch;
+  const float values[6] = {k_centre, acc[1], acc[2], v_mean, acc[4], acc[5]};
+#pragma unroll
+  for (int q = 0; q < 6; ++q) out[q * plane] = values[q];
+}
+
+template <int D, typename T>
+__device__ __forceinline__ void chunk_statistics(const Params& p, Shared<D>& sm, int head, int chunk) {
+  using L = Layout<D>;
+  // warps 0..3 take K, warps 4..7 V (half the accumulators per thread: more CTAs fit on an SM)
+  constexpr int HALF = THREADS / 2, ROWS = HALF / L::VECS, PASSES = BLOCK / ROWS, AT_ONCE = 4;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const bool is_v = tid >= HALF;
+  const int c = tid % L::VECS, r = (tid % HALF) / L::VECS;
+  const int b = head / p.h, hh = head % p.h;
+  const T* base = is_v ? static_cast<const T*>(p.v) + b * p.v_sb + hh * p.v_sh
+                       : static_cast<const T*>(p.k) + b * p.k_sb + hh * p.k_sh;
+  const int64_t stride = is_v ? p.v_sn : p.k_sn;
+  Partial st;
+  st.init();
+  const int row0 = chunk * p.blocks_per_chunk * BLOCK;
+  for (int blk = 0; blk < p.blocks_per_chunk; ++blk) {
+#pragma unroll
+    for (int i0 = 0; i0 < PASSES; i0 += AT_ONCE) {
+      uint4 raw[AT_ONCE];
+#pragma unroll
+      for (int i = 0; i < AT_ONCE; ++i) raw[i] = load_row(base, row0 + blk * BLOCK + (i0 + i) * ROWS + r, p.n, stride, 8 * c);
+#pragma unroll
+      for (int i = 0; i < AT_ONCE; ++i) {
+        float x[8];
+        unpack8<T>(raw[i], x);
+        if (row0 + blk * BLOCK + (i0 + i) * ROWS + r >= p.n) {  // past the end: in no statistic, not counted
+#pragma unroll
+          for (int e = 0; e < 8; ++e) x[e] = NAN;
+        }
+        st.add(x, !is_v);
+      }
+    }
+  }
+  st.to_shared<L::VECS>(sm.red[warp % (WARPS / 2)], is_v ? 3 : 0, lane, !is_v);
+  __syncthreads();
+  if (tid < D) {
+    float* part = p.part + (int64_t(head) * p.n_chunks + chunk) * PARTIAL_ROWS * D + tid;
+#pragma unroll
+    for (int q = 0; q < PARTIAL_ROWS; ++q) part[q * D] = combine_warps(sm, q, tid);
+  }
+  __syncthreads();  // the partials are written (and sm.red read) before the arrival counts them
+  if (tid == 0) {
+    __threadfence();
+    sm.arrived = atomicAdd(p.sync + 1 + head, 1);
+    __threadfence();
+  }
+  __syncthreads();
+  if (sm.arrived == p.n_chunks - 1) {
+    if (tid < D) reduce_statistics<D>(p, head, tid);
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      atomicAdd(p.sync + 1 + head, 1);  // n_chunks + 1: the head's statistics are ready
+    }
+  }
+}
+
+// Quantization of one chunk of a head whose statistics are complete, V_GROUPS 64-key blocks at a time,
+// the loads of K and V for a group issued together (they come from L2: the statistics read them).
+//   K: INT8 with one scale per key, after subtracting smooth K's vector (thread layout of the statistics).
+//   V: V * (448 / amax of its channel) in E4M3, transposed to [D][keys] with the keys of each 32-key
+//   chunk in the attention kernel's order (quantattn/hopper/layout.py: position 16h + 4t + 2a + b holds
+//   key 16h + 8a + 2t + b), keys n .. n_pad as zeros. A thread converts the four keys of one 4-byte word
+//   for its 8 channels; the words go through a shared tile and leave in 16-byte runs of keys.
+template <int D, typename T, bool SMOOTH_K>
+struct ChunkQuantizer {
+  using L = Layout<D>;
+  static constexpr int K_LOADS = L::V_GROUPS * L::PASSES;  // K rows per thread and group
+  const Params& p;
+  Shared<D>& sm;
+  const int tid, row0, chunk_end;  // the chunk's rows: row0 .. chunk_end - 1 (clipped to n)
+  const int kc, kr;                // K: channel vector and first row
+  const int vg, vc, quad;          // V: block in the group, channel vector, 4-key word
+  const T *kb, *vb;
+  int8_t* kq;
+  float* k_scale;
+  uint8_t* vq;
+  float mean[8], factor[8];
+
+  __device__ __forceinline__ ChunkQuantizer(const Params& p_, Shared<D>& sm_, int head, int chunk)
+      : p(p_),
+        sm(sm_),
+        tid(threadIdx.x),
+        row0(chunk * p_.blocks_per_chunk * BLOCK),
+        chunk_end(min(p_.n, (chunk + 1) * p_.blocks_per_chunk * BLOCK)),
+        kc(threadIdx.x % L::VECS),
+        kr(threadIdx.x / L::VECS),
+        vg(threadIdx.x / (L::VECS * 16)),
+        vc((threadIdx.x / 16) % L::VECS),
+        quad(threadIdx.x % 16) {
+    const int b = head / p.h, hh = head % p.h;
+    kb = static_cast<const T*>(p.k) + b * p.k_sb + hh * p.k_sh;
+    vb = static_cast<const T*>(p.v) + b * p.v_sb + hh * p.v_sh;
+    kq = p.kq + int64_t(head) * p.n * D + 8 * kc;
+    k_scale = p.k_scale + int64_t(head) * p.ks_stride;
+    vq = p.vq + int64_t(head) * D * p.n_pad;
+  }
+
+  // the head's statistics (complete: the caller waited for them)
+  __device__ __forceinline__ void load_statistics(int head) {
+    const int64_t plane = int64_t(p.heads) * D;
+    const float* stat = p.stats + int64_t(head) * D;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      mean[e] = SMOOTH_K ? __ldcg(stat + 8 * kc + e) : 0.f;
+      const float amax = fmaxf(fmaxf(__ldcg(stat + 4 * plane + 8 * vc + e), -__ldcg(stat + 5 * plane + 8 * vc + e)),
+                               AMAX_FLOOR);
+      factor[e] = __fdiv_rn(V_RANGE, amax);
+    }
+  }
+
+  // the V word's keys inside a 64-key block: 32-key chunk quad / 8, half (quad / 4) % 2, pair quad % 4
+  __device__ __forceinline__ int v_key(int i) const {
+    return 32 * (quad / 8) + 16 * ((quad / 4) % 2) + 2 * (quad % 4) + (i & 1) + 8 * (i >> 1);
+  }
+
+  // K and V of the group starting at first_row, in registers (they need no statistics: the first group's
+  // loads are issued before the wait for them)
+  uint4 kraw[K_LOADS], vraw[4];
+  __device__ __forceinline__ void load(int first_row) {
+#pragma unroll
+    for (int i = 0; i < K_LOADS; ++i) kraw[i] = load_row(kb, first_row + i * L::ROWS + kr, chunk_end, p.k_sn, 8 * kc);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) vraw[i] = load_row(vb, first_row + vg * BLOCK + v_key(i), chunk_end, p.v_sn, 8 * vc);
+  }
+
+  __device__ __forceinline__ void quantize(int first_row) {
+#pragma unroll
+    for (int i = 0; i < K_LOADS; ++i) k_row(kraw[i], first_row + i * L::ROWS + kr);
+    v_words(vraw, first_row);
+  }
+
+  __device__ __forceinline__ void k_row(const uint4& raw, int row) {
+    float x[8];
+    unpack8<T>(raw, x);
+    int bad = 0;
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      bad |= is_finite(x[e]) ? 0 : 1;
+      const float s = x[e] - mean[e];
+      x[e] = is_finite(s) ? s : 0.f;
+      amax = fmaxf(amax, fabsf(x[e]));
+    }
+#pragma unroll
+    for (int off = L::VECS / 2; off > 0; off /= 2) {  // the row's VECS lanes are consecutive
+      amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFF, amax, off));
+      bad |= __shfl_xor_sync(0xFFFFFFFF, bad, off);
+    }
+    amax = fmaxf(amax, AMAX_FLOOR);
+    const float inv = __fdiv_rn(QMAX, amax);
+    int qi[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qi[e] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(x[e], inv)), -QMAX), QMAX));
+    if (row < chunk_end) {
+      *reinterpret_cast<uint2*>(kq + int64_t(row) * D) =
+          make_uint2(pack_s8x4(qi[0], qi[1], qi[2], qi[3]), pack_s8x4(qi[4], qi[5], qi[6], qi[7]));
+      if (kc == 0) k_scale[row] = bad ? __int_as_float(0x7FC00000) : __fdiv_rn(amax, QMAX);
+    }
+  }
+
+  __device__ __forceinline__ void v_words(const uint4 (&raw)[4], int first_row) {
+    uint32_t word[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {
+      float x0[8], x1[8];
+      unpack8<T>(raw[i], x0);
+      unpack8<T>(raw[i + 1], x1);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        float y0 = x0[e] * factor[e], y1 = x1[e] * factor[e];
+        y0 = fabsf(y0) == INFINITY ? NAN : y0;  // the saturating cast would make Inf 448
+        y1 = fabsf(y1) == INFINITY ? NAN : y1;
+        word[e] |= e4m3x2(y0, y1) << (8 * i);
+      }
+    }
+    __syncthreads();  // the previous group's tile has gone out
+#pragma unroll
+    for (int e = 0; e < 8; ++e) *reinterpret_cast<uint32_t*>(&sm.vt[vg][8 * vc + e][4 * quad]) = word[e];
+    __syncthreads();
+    // keys n .. n_pad are zeros (loaded as such); keys of the next chunk are not this CTA's
+    const int key_end = min(int64_t(row0 + p.blocks_per_chunk * BLOCK), p.n_pad);
+#pragma unroll
+    for (int s = tid; s < L::V_SEGMENTS; s += THREADS) {
+      const int g = s / (4 * D), ch = (s / 4) % D, j = s % 4;
+      const int key = first_row + g * BLOCK + 16 * j;
+      if (key < key_end) {
+        const uint2 lo = *reinterpret_cast<const uint2*>(&sm.vt[g][ch][16 * j]);
+        const uint2 hi = *reinterpret_cast<const uint2*>(&sm.vt[g][ch][16 * j + 8]);
+        *reinterpret_cast<uint4*>(vq + int64_t(ch) * p.n_pad + key) = make_uint4(lo.x, lo.y, hi.x, hi.y);
+      }
+    }
+  }
+};
+
+template <int D, typename T, bool SMOOTH_K>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) preprocess_kv(const __grid_constant__ Params p) {
+  __shared__ Shared<D> sm;
+  if (threadIdx.x == 0) sm.ticket = atomicAdd(p.sync, 1);
+  __syncthreads();
+  const int ticket = sm.ticket;
+  const int head = ticket / p.n_chunks, chunk = ticket % p.n_chunks;
+  if (head < p.heads) chunk_statistics<D, T>(p, sm, head, chunk);
+
+  const int qhead = head - p.lag;
+  if (qhead < 0) return;
+  ChunkQuantizer<D, T, SMOOTH_K> quantizer(p, sm, qhead, chunk);
+  quantizer.load(quantizer.row0);
+  if (threadIdx.x == 0) {
+    while (ld_volatile(p.sync + 1 + qhead) <= p.n_chunks) __nanosleep(100);
+    __threadfence();
+  }
+  __syncthreads();
+  quantizer.load_statistics(qhead);
+  for (int b0 = 0; b0 < p.blocks_per_chunk; b0 += Layout<D>::V_GROUPS) {
+    const int first_row = quantizer.row0 + b0 * BLOCK;
+    if (b0 > 0) quantizer.load(first_row);
+    quantizer.quantize(first_row);
+  }
+}
+
+template <int D, typename T>
+static int launch(const Params& p, bool smooth_k, cudaStream_t stream) {
+  const dim3 grid((p.heads + p.lag) * p.n_chunks);
+  if (smooth_k)
+    preprocess_kv<D, T, true><<<grid, THREADS, 0, stream>>>(p);
+  else
+    preprocess_kv<D, T, false><<<grid, THREADS, 0, stream>>>(p);
+  return cudaPeekAtLastError() == cudaSuccess ? 0 : -4;
+}
+
+}  // namespace prep
+}  // namespace quantattn_hopper
+
+using namespace quantattn_hopper;
+
+extern "C" {
+
+// Same error codes as quantattn_hopper_attention: -4 the launch failed, -5 unsupported arguments.
+int quantattn_hopper_preprocess(const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn, const void* v, int64_t v_sb,
+                                int64_t v_sh, int64_t v_sn, int h, int n, int heads, int n_chunks,
+                                int blocks_per_chunk, int lag, float* part, float* stats, int* sync, void* kq,
+                                float* k_scale, int64_t ks_stride, void* vq, int64_t n_pad, int head_dim, int is_bf16,
+                                int smooth_k, void* stream) {
+  if ((head_dim != 64 && head_dim != 128) || n <= 0 || heads <= 0 || n_chunks <= 0 || lag <= 0 || n_pad % 32)
+    return -5;
+  prep::Params p;
+  p.k = k, p.k_sb = k_sb, p.k_sh = k_sh, p.k_sn = k_sn;
+  p.v = v, p.v_sb = v_sb, p.v_sh = v_sh, p.v_sn = v_sn;
+  p.h = h, p.n = n, p.heads = heads, p.n_chunks = n_chunks, p.blocks_per_chunk = blocks_per_chunk, p.lag = lag;
+  p.part = part, p.stats = stats, p.sync = sync;
+  p.kq = static_cast<int8_t*>(kq), p.k_scale = k_scale, p.ks_stride = ks_stride;
+  p.vq = static_cast<uint8_t*>(vq), p.n_pad = n_pad;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (head_dim == 128)
+    return is_bf16 ? prep::launch<128, __nv_bfloat16>(p, smooth_k, s) : prep::launch<128, __half>(p, smooth_k, s);
+  return is_bf16 ? prep::launch<64, __nv_bfloat16>(p, smooth_k, s) : prep::launch<64, __half>(p, smooth_k, s);
+}
+
+}  // extern "C"
