@@ -174,9 +174,10 @@ class HopperBackend:
         return reasons
 
     # backend="auto" takes it where it was measured faster than the Triton kernel as a whole call (H100,
-    # bench/results/2026-11-23_054208_H100_session5: head_dim 128 from 8K queries up); below that and at
-    # head_dim 64 the Triton path is as fast or faster
-    AUTO_MIN_QUERIES = 8192
+    # bench/results/2026-11-23_062221_H100_session6, with the CUDA K/V preprocessing: head_dim 128 at every
+    # N from 1K, causal or not, by 5-50%). At head_dim 64 it is faster only below 4K and slower from 16K,
+    # so the Triton path keeps head_dim 64; below 1K queries nothing was measured.
+    AUTO_MIN_QUERIES = 1024
 
     def prefers(self, call: AttentionCall) -> bool:
         return call.q.shape[-1] == 128 and call.q.shape[2] >= self.AUTO_MIN_QUERIES
