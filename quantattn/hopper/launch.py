@@ -66,8 +66,8 @@ def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences
 
 def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences | None = None) -> L.QuantizedKV:
     """K and V (HND views) smoothed and quantized in the Hopper kernel's layout: by the CUDA preprocessing
-    where it can read them, else by the Triton one (the same buffers and values, up to the rounding of
-    the statistics' sums)."""
+    where it can read them, else by the Triton one (the same buffers; the values differ only by rounding:
+    tests/gpu/test_hopper_preprocess_gpu.py)."""
     seqs = seqs or L.sequences(k, None, 0)
     if native_preprocess_reason(k, v, seqs) is not None:
         return L.preprocess_kv(k, v, cfg, seqs, wgmma_order=True)

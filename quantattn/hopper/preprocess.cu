@@ -2,10 +2,10 @@
 // key, FP8 V^T with one scale per channel in the key order the attention kernel reads (layout.py).
 //
 // It computes what quantattn/kernels/quant.py's preprocess_kv_kernel computes (same buffers, same
-// ticket scheme: see that kernel's docstring), but it is written for copy speed: 16-byte loads and
-// stores, K and V statistics in registers, V transposed through shared memory in 4-key words. The
-// Triton kernel needs 229 registers per thread at head_dim 128 and ran at about a third of copy speed
-// (docs/perf-notes.md, session 6).
+// ticket scheme: see that kernel's docstring), but it is written for bandwidth: 16-byte loads and
+// stores, K and V statistics in registers of separate warps, V transposed through shared memory in 4-key
+// words. The Triton kernel needs 229 registers per thread at head_dim 128 and runs at about a third of
+// copy speed; this one at 0.5-0.7x of copy speed (H100: docs/perf-notes.md, session 6).
 //
 // Work unit: a chunk of blocks_per_chunk * 64 keys of one (batch, kv head). CTA with ticket t takes the
 // statistics of chunk t % n_chunks of head t / n_chunks, then quantizes the same chunk of head
