@@ -201,7 +201,7 @@ struct OutPair<__half> {
 template <typename T>
 __device__ __forceinline__ float saturate(float x) {
   const float big = OutPair<T>::MAX;
-  return fabsf(x) < INFINITY ? fminf(fmaxf(x, -big), big) : x;
+  return is_finite(x) ? fminf(fmaxf(x, -big), big) : x;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ struct QRows {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             if (k_mean != nullptr) dot_kmean[h] += v4[i] * k_mean[col + i];
-            const bool finite = fabsf(v4[i]) < INFINITY;
+            const bool finite = is_finite(v4[i]);
             bad[h] += finite ? 0 : 1;
             const float f = finite ? v4[i] : 0.f;
             amax[h] = fmaxf(amax[h], fabsf(f));

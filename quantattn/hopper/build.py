@@ -1,5 +1,5 @@
-"""Builds the Hopper backend's shared library (attention kernel and K/V preprocessing) with nvcc, on first use (or ahead of time, below), into a
-cache folder keyed by the sources' hash.
+"""Builds the Hopper backend's shared library (attention kernel and K/V preprocessing) with nvcc, on first
+use (or ahead of time, below), into a cache folder keyed by the sources' hash.
 
 The library holds plain CUDA C++ (no PyTorch headers), so one build serves every torch version and it
 compiles in seconds; quantattn.hopper loads it with ctypes. `python -m quantattn.hopper.build` builds it

@@ -18,7 +18,7 @@ HEAD_DIMS = (64, 128)
 # buffers), about LAG_CHUNKS chunks between a chunk's statistics and its quantization. Measured on the H100
 # (docs/perf-notes.md, session 6): 64 chunks were slower from 2K to 8K keys, other lags no faster.
 MAX_CHUNKS = L.MAX_CHUNKS
-LAG_CHUNKS = 512
+LAG_CHUNKS = L.LAG_CHUNKS
 DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -71,14 +71,14 @@ def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Seque
     seqs = seqs or L.sequences(k, None, 0)
     if native_preprocess_reason(k, v, seqs) is not None:
         return L.preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
-    buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, max_chunks=MAX_CHUNKS)
+    buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, max_chunks=MAX_CHUNKS, lag_chunks=LAG_CHUNKS)
     if buf.sync is not None:
         b, h, n, d = k.shape
         stream = torch.cuda.current_stream(k.device).cuda_stream
         err = hopper.preprocess_kernel()(
             k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
             v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
-            h, n, b * h, buf.n_chunks, buf.per_chunk, min(b * h, max(1, LAG_CHUNKS // buf.n_chunks)),
+            h, n, b * h, buf.n_chunks, buf.per_chunk, buf.lag,
             buf.partials.data_ptr(), buf.stats.data_ptr(), buf.sync.data_ptr(),
             buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1), buf.vq.data_ptr(), buf.vq.shape[-1],
             d, k.dtype == torch.bfloat16, cfg.smooth_k, stream,

@@ -48,7 +48,8 @@ struct Params {
   int64_t n_pad;
 };
 
-// Thread layouts. Statistics and K: thread (r, c) holds channels 8c..8c+7 of rows r, r + ROWS, ...
+// Thread layouts. K's quantization: thread (r, c) holds channels 8c..8c+7 of rows r, r + ROWS, ...; the
+// statistics lay each warp half (K, then V) out the same way (chunk_statistics).
 // V's quantization: thread (g, c, quad) holds channels 8c..8c+7 of the four keys whose FP8 values share
 // one 4-byte word of V^T in the attention kernel's order, in 64-key block g of a group of V_GROUPS.
 template <int D>

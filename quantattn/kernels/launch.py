@@ -229,10 +229,17 @@ class KVBuffers:
 
 
 def kv_buffers(
-    k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences, wgmma_order: bool, max_chunks: int = MAX_CHUNKS
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: QuantConfig,
+    seqs: Sequences,
+    wgmma_order: bool,
+    max_chunks: int = MAX_CHUNKS,
+    lag_chunks: int = LAG_CHUNKS,
 ) -> KVBuffers:
     """The preprocessing's outputs and scratch for K and V (HND views), with at most max_chunks chunks per
-    (sequence, head); no scratch when there is no work."""
+    (sequence, head) and about lag_chunks chunks between a chunk's statistics and its quantization; no
+    scratch when there is no work."""
     b, h, n, d = k.shape
     heads = seqs.count * h
     stats = torch.empty(2, 3, seqs.count, h, d, dtype=torch.float32, device=k.device)
@@ -263,8 +270,8 @@ def kv_buffers(
         # zeroed per call (a memset, not a kernel): no state between calls, so concurrent streams,
         # CUDA-graph replays and torch.compile's graph pools need no care
         buf.sync = torch.zeros(heads + 1, dtype=torch.int32, device=k.device)
-        # heads between a chunk's statistics and its quantization: ~LAG_CHUNKS chunks in between
-        buf.lag = min(heads, max(1, LAG_CHUNKS // buf.n_chunks))
+        # heads between a chunk's statistics and its quantization: ~lag_chunks chunks in between
+        buf.lag = min(heads, max(1, lag_chunks // buf.n_chunks))
     return buf
 
 
