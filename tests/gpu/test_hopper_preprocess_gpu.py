@@ -16,7 +16,13 @@ from test_hopper_gpu import SKIP  # noqa: E402  (tests/gpu is on sys.path under 
 from test_kernels_gpu import make  # noqa: E402
 
 from quantattn.config import QuantConfig
-from quantattn.reference.quant import finite_mean, finite_or_zero, ieee_div, round_to_fp8_e4m3, smoothing_vector_k
+from quantattn.reference.quant import (
+    finite_mean,
+    quantize_int,
+    quantize_v_fp8,
+    row_group_amax,
+    smoothing_vector_k,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 
@@ -47,19 +53,14 @@ def hopper_launch():
     return launch
 
 
-def expected(k: torch.Tensor, v: torch.Tensor, kv, smooth_k: bool):
-    """INT8 K, K scales and Hopper-layout FP8 V^T (as float32) from the reference's formulas, with the
-    statistics the kernel computed."""
+def expected(k: torch.Tensor, v: torch.Tensor, kv, cfg: QuantConfig):
+    """INT8 K, K scales and Hopper-layout FP8 V^T (as float32) by the reference's quantization, K smoothed
+    with the vector the kernel computed."""
     from quantattn.hopper.layout import to_wgmma_order
 
-    x = k.float() - (kv.k_stats[0][:, :, None, :] if smooth_k else 0.0)
-    x = finite_or_zero(x)
-    amax = x.abs().amax(-1).clamp_min(1e-30)
-    kq = torch.round(x * ieee_div(127.0, amax)[..., None]).clamp(-127, 127)
-    k_scale = amax / torch.full_like(amax, 127.0)
-    k_scale = torch.where(torch.isfinite(k.float()).all(-1), k_scale, torch.full_like(k_scale, math.nan))
-    v_amax = torch.maximum(kv.v_stats[1], -kv.v_stats[2]).clamp_min(1e-30)
-    vq = round_to_fp8_e4m3(v.float() * ieee_div(448.0, v_amax)[:, :, None, :])
+    x = k.float() - (kv.k_stats[0][:, :, None, :] if cfg.smooth_k else 0.0)
+    kq, k_scale = quantize_int(x, row_group_amax(x, "per_token", "k"), cfg.qmax)
+    vq, _ = quantize_v_fp8(v, cfg.v_range)
     return kq, k_scale, to_wgmma_order(vq.transpose(-1, -2).to(torch.float8_e4m3fn)).float()
 
 
@@ -87,7 +88,7 @@ def check(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig = DEFAULT):
     torch.testing.assert_close(kv.k_stats[0], smoothing_vector_k(k.float()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kv.v_stats[0], finite_mean(v.float(), 2), rtol=1e-5, atol=1e-5)
     # quantized values: exactly the reference's, given those statistics
-    kq, k_scale, vq = expected(k, v, kv, cfg.smooth_k)
+    kq, k_scale, vq = expected(k, v, kv, cfg)
     assert kv.k.dtype == torch.int8 and kv.k.shape == (b, h, n, d)
     assert torch.equal(kv.k.float(), kq), (kv.k.float() - kq).abs().max()
     torch.testing.assert_close(kv.k_scale, k_scale, rtol=2.5e-7, atol=0, equal_nan=True)  # amax / 127: <= 1 ulp
