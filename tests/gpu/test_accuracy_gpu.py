@@ -20,6 +20,7 @@ import quantattn
 from quantattn import guards, metrics
 from quantattn.accuracy.models import TinyTransformer
 from quantattn.config import SAGE1, SAGE1_FP16ACC, SAGE2PP, VARIANTS, QuantConfig
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 
 pytestmark = [
@@ -30,11 +31,6 @@ pytestmark = [
 DEV = "cuda"
 DEFAULT = QuantConfig()
 KERNEL_VS_REFERENCE = 0.1
-
-
-def rel_l1(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).abs().sum() / b.abs().sum())
 
 
 def rnd(seed, *shape, bias=0.0, scale=1.0, dtype=torch.bfloat16):

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import quantattn
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 from quantattn.reference import decode as R
 
@@ -31,11 +32,6 @@ pytestmark = [
 
 KERNEL_VS_REFERENCE = 0.1
 DEV = "cuda"
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
 
 
 def make(seed, *shape, dtype=torch.bfloat16, bias=0.0):

@@ -29,6 +29,7 @@ from quantattn.distributed import (  # noqa: E402
     usp_groups,
 )
 from quantattn.distributed.testing import LocalGroup, simulated_ring  # noqa: E402
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64  # noqa: E402
 
 pytestmark = [
@@ -62,11 +63,6 @@ def inputs(seed, hq=8, hkv=None, n=8192, d=128, layout="HND", dtype=torch.bfloat
         make(seed + 2, 1, hkv, n, d, dtype),
     )
     return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v)) if layout == "NHD" else (q, k, v)
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).abs().sum() / b.abs().sum())
 
 
 def to_hnd(t, layout):

@@ -17,6 +17,7 @@ import quantattn as qa
 from quantattn import memory
 from quantattn.config import VARIANTS, QuantConfig
 from quantattn.integrations import torch_sdpa as S
+from quantattn.metrics import relative_l1 as rel_l1
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,11 +40,6 @@ def qkv(seed, b=2, hq=8, hkv=2, n=1000, d=128, dtype=torch.bfloat16):
         make(seed + 1, b, hkv, n, d, dtype=dtype),
         make(seed + 2, b, hkv, n, d, dtype=dtype),
     )
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
 
 
 # ---- torch.compile ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 import quantattn as qa
 from quantattn.config import QuantConfig
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64, round_to_fp8_e4m3
 
 pytestmark = [
@@ -24,11 +25,6 @@ pytestmark = [
 
 KERNEL_VS_REFERENCE = 0.1
 DEV = "cuda"
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
 
 
 def cosine(a, b):

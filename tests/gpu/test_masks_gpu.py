@@ -14,6 +14,7 @@ import torch
 
 import quantattn
 from quantattn.config import SAGE1, QuantConfig
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 
 pytestmark = [
@@ -24,11 +25,6 @@ pytestmark = [
 DEV = "cuda"
 KERNEL_VS_REFERENCE = 0.1
 CONFIGS = [QuantConfig(), QuantConfig(pv_dtype="fp16", pv_accum="fp32"), SAGE1, QuantConfig(pv_accum="fp32+fp16")]
-
-
-def rel_l1(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).abs().sum() / b.abs().sum())
 
 
 def rnd(seed, *shape, bias=0.0, dtype=torch.bfloat16):

@@ -18,6 +18,7 @@ import torch
 
 import quantattn
 from quantattn.kernels import backward_launch as BL
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference.backward import attention_backward_reference
 
 pytestmark = [
@@ -64,11 +65,6 @@ def plain_grads(q, k, v, do, causal, sm_scale, dtype, grad_lse=None):
 
 def max_err(a, b):
     return float((a.double() - b.double()).abs().max())
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).abs().sum() / b.abs().sum())
 
 
 def check(q, k, v, do, causal, sm_scale, grads, grad_lse=None):

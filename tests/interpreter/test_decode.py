@@ -12,9 +12,11 @@ import os
 
 import pytest
 import torch
+from test_kernels import make  # tests/interpreter is on sys.path (pytest's default import mode)
 
 import quantattn
 from quantattn.config import QuantConfig
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 from quantattn.reference import decode as R
 
@@ -27,19 +29,6 @@ pytestmark = [
 ]
 
 KERNEL_VS_REFERENCE = 0.05
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
-
-
-def make(seed, *shape, dtype=torch.bfloat16, outliers=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
-    if outliers:
-        x = x + 4 * torch.randn(*shape[:-2], 1, shape[-1], generator=g)
-    return x.to(dtype)
 
 
 def caches(k, v, **kw):

@@ -12,6 +12,7 @@ import torch
 import quantattn as qa
 from quantattn.config import QuantConfig
 from quantattn.kernels.launch import head_dim_slabs
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 
 pytestmark = [
@@ -28,11 +29,6 @@ CONFIGS = [
     QuantConfig(qk_granularity="per_tensor", smooth_v=True),
     QuantConfig(qk_granularity="per_warp", smooth_q=True, pv_accum="fp32+fp16"),
 ]
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
 
 
 def qkv(seed, d):

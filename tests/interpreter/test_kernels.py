@@ -19,6 +19,7 @@ import triton.language as tl
 import quantattn as qa
 from quantattn.config import QuantConfig
 from quantattn.kernels.common import to_fp8_e4m3
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64, round_to_fp8_e4m3, smoothing_vector_k
 
 pytestmark = [
@@ -30,11 +31,6 @@ pytestmark = [
 ]
 
 KERNEL_VS_REFERENCE = 0.05  # fraction of the reference's error against FP64
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
 
 
 def make(seed, *shape, dtype=torch.bfloat16, outliers=False):

@@ -11,6 +11,7 @@ import torch
 
 import quantattn as qa
 from quantattn.config import QuantConfig
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 
 pytestmark = [
@@ -23,11 +24,6 @@ pytestmark = [
 
 KERNEL_VS_REFERENCE = 0.05
 B, HQ, HKV, NQ, NK, D = 2, 2, 1, 80, 150, 32
-
-
-def rel_l1(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
 
 
 def make(seed, *shape, outliers=False):
