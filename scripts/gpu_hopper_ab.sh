@@ -1,7 +1,7 @@
 #!/bin/bash
 # A/B of Hopper kernel variants (-D flags or other sources), and ncu on the variants that NCU_LABELS
 # names, in one device call.
-# Usage (device): [NCU_LABELS="a"] bash scripts/gpu_hopper_ab.sh "base:SRC=path/to/old.cu" "a:-DFLAG=1" ...
+# Usage (device): [NCU_LABELS="a"] [AB_D64=1] [AB_NS="1024 8192"] bash scripts/gpu_hopper_ab.sh "base:SRC=path/to/old.cu" "a:-DFLAG=1" ...
 # (SRC: a copy of an earlier kernel beside wgmma.cuh, for a baseline in the same run)
 export PYTHONPATH=$PWD QUANTATTN_CACHE=/tmp/qa_cache PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -16,7 +16,8 @@ done
 wait
 for spec in "$@"; do
   label=${spec%%:*}
-  QUANTATTN_HOPPER_LIB=/tmp/lib_$label.so python3 scripts/hopper_ab.py "$label" 2>&1 | tee -a "$OUT/ab.txt"
+  QUANTATTN_HOPPER_LIB=/tmp/lib_$label.so python3 scripts/hopper_ab.py "$label" $AB_NS 2>&1 | tee -a "$OUT/ab.txt"
+  [ -n "$AB_D64" ] && AB_HEAD_DIM=64 QUANTATTN_HOPPER_LIB=/tmp/lib_$label.so python3 scripts/hopper_ab.py "$label" $AB_NS 2>&1 | tee -a "$OUT/ab.txt"
 done
 if [ -n "$NCU_LABELS" ]; then
   for label in $NCU_LABELS; do

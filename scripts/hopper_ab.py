@@ -1,10 +1,11 @@
 """Kernel-only TOPS and accuracy of the Hopper library that QUANTATTN_HOPPER_LIB names, for A/B runs of
 kernel variants built with different -D flags (one process per library).
-Usage: QUANTATTN_HOPPER_LIB=lib.so python scripts/hopper_ab.py LABEL [N ...]"""
+Usage: [AB_HEAD_DIM=64] QUANTATTN_HOPPER_LIB=lib.so python scripts/hopper_ab.py LABEL [N ...]"""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
@@ -40,14 +41,15 @@ def kernel_tops(n, causal, cfg, b=4, h=32, d=128):
 def main():
     label = sys.argv[1]
     ns = [int(x) for x in sys.argv[2:]] or [1024, 4096, 8192, 16384]
+    d = int(os.environ.get("AB_HEAD_DIM", "128"))
     acc = accuracy()
     cfg = QuantConfig()
     cells = []
     for n, causal in [(n, False) for n in ns] + [(16384, True)]:
-        cells.append(f"{n // 1024}K{'c' if causal else ''} {kernel_tops(n, causal, cfg):.0f}")
+        cells.append(f"{n // 1024}K{'c' if causal else ''} {kernel_tops(n, causal, cfg, d=d):.0f}")
         torch.cuda.empty_cache()
     print(
-        f"{label:>10}: kernel TOPS " + " ".join(cells) + f" | rel L1 vs fp64 {acc[0]:.4f}/{acc[3]:.4f}"
+        f"{label:>10}: d{d} kernel TOPS " + " ".join(cells) + f" | rel L1 vs fp64 {acc[0]:.4f}/{acc[3]:.4f}"
         f" vs ref {acc[1]:.4f}/{acc[4]:.4f} nan {acc[2] or acc[5]}",
         flush=True,
     )

@@ -1,14 +1,15 @@
-// SageAttention2 (INT8 QK^T, FP8 PV, two-level accumulation) for Hopper (sm_90a): TMA loads into a
-// ring of shared-memory stages, wgmma for both products, one producer warpgroup and two consumer
-// warpgroups of 64 query rows each that take turns at the tensor cores.
+// SageAttention2 (INT8 QK^T, FP8 PV, two-level accumulation) for Hopper (sm_90a): one warpgroup of 64
+// query rows per CTA, several CTAs per SM, TMA loads of K, V^T and the key scales into a ring of
+// shared-memory stages, wgmma for both products (P from registers).
 //
 // Numerics are those of quantattn.reference with the default config (qk per_token INT8, FP8 PV with a
 // fresh FP32 accumulator per 128-key step, P scaled by 448, V per channel), as the Triton kernel:
 //   Q is quantized here, in registers, one scale per row; K arrives as INT8 with one scale per key;
 //   V arrives as FP8, transposed ([d, keys]) and with its keys permuted inside each 32-key chunk so that
-//   the words of P a thread holds in the QK accumulator land, unshuffled, where the PV product's A tile
-//   wants them (see quantattn/hopper/layout.py: wgmma_key_order).
-// Pipeline and measurements: docs/perf-notes.md (session 4).
+//   the words of P a thread holds in the QK accumulator are, unshuffled, its A fragment of the PV
+//   product (see quantattn/hopper/layout.py: wgmma_key_order).
+// Why this shape: docs/perf-notes.md (session 7). Each CTA runs its key blocks in order (QK, softmax,
+// PV); the tensor cores stay busy because 3 CTAs per SM interleave, not because one CTA overlaps itself.
 //
 // Built by quantattn/hopper/build.py into a shared library loaded with ctypes (no PyTorch headers).
 
@@ -16,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "common.cuh"
@@ -23,12 +25,13 @@
 
 namespace quantattn_hopper {
 
-constexpr int BLOCK_N = 128;     // keys per online-softmax step (config.KV_BLOCK)
-constexpr int WG_ROWS = 64;      // query rows per consumer warpgroup (one wgmma M)
-constexpr int CONSUMERS = 2;     // consumer warpgroups per CTA
-constexpr int BLOCK_M = WG_ROWS * CONSUMERS;
-constexpr int THREADS = 128 * (CONSUMERS + 1);
-constexpr int STAGES = 4;
+constexpr int BLOCK_N = 128;  // keys per online-softmax step (config.KV_BLOCK)
+constexpr int BLOCK_M = 64;   // query rows per CTA: one warpgroup, one wgmma M
+constexpr int THREADS = 128;
+constexpr int STAGES = 2;     // K/V stages per CTA: the other CTAs on the SM hide what two do not
+#ifndef QUANTATTN_HOPPER_CTAS
+#define QUANTATTN_HOPPER_CTAS 3  // CTAs per SM the registers are budgeted for (65536 / (3 * 128) = 170)
+#endif
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // P is scaled inside the exponent: exp2(x + log2 448)
 
 struct Params {
@@ -150,27 +153,12 @@ __device__ __forceinline__ void fence_async_shared() {
 // One thread's A-fragment words (rows rl and rl + 8, in each 32-byte k step the bytes 4t..4t+3 and
 // 16+4t..16+4t+3) into an A tile of ROW_BYTES-byte rows.
 template <int ROW_BYTES, int KSTEPS>
-__device__ __forceinline__ void store_a_fragment(uint8_t* tile, const uint32_t (&a)[KSTEPS][4], int rl, int t,
-                                                 int k0 = 0) {
+__device__ __forceinline__ void store_a_fragment(uint8_t* tile, const uint32_t (&a)[KSTEPS][4], int rl, int t) {
 #pragma unroll
   for (int k = 0; k < KSTEPS; ++k)
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      st_shared_u32(tile + swizzled<ROW_BYTES>(rl + 8 * (i % 2), 32 * (k0 + k) + 16 * (i / 2) + 4 * t), a[k][i]);
-}
-
-constexpr int TURN_BARRIER = 1;  // named barriers 1 and 2 (0 is __syncthreads)
-constexpr int WG_BARRIER = 3;    // named barriers 3 and 4: one consumer warpgroup's own
-
-__device__ __forceinline__ void named_sync(int id) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(CONSUMERS * 128) : "memory");
-}
-__device__ __forceinline__ void named_arrive(int id) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(CONSUMERS * 128) : "memory");
-}
-
-__device__ __forceinline__ void named_sync_wg(int id) {
-  asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
+      st_shared_u32(tile + swizzled<ROW_BYTES>(rl + 8 * (i % 2), 32 * k + 16 * (i / 2) + 4 * t), a[k][i]);
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -213,19 +201,24 @@ struct Smem {
   static constexpr int V_TILE = D * BLOCK_N;  // fp8 [D][keys]
   alignas(1024) uint8_t k[STAGES][K_TILE];
   alignas(1024) uint8_t v[STAGES][V_TILE];
-  alignas(128) float ks[STAGES][BLOCK_N];
-  // The A operands in shared memory, in the layout TMA gives K (K-major, swizzled rows): INT8 Q of each
-  // consumer warpgroup, and its FP8 P, two buffers (the PV of block j - 1 reads one while the softmax of
-  // block j writes the other). Register A operands were tried first: ptxas 13.0 gave the registers of Q,
-  // live across the loop, to P (the second key block then multiplied P by K), and they cost 32 registers.
-  alignas(1024) uint8_t q[CONSUMERS][WG_ROWS * D];
-  alignas(1024) uint8_t p[CONSUMERS][2][WG_ROWS * BLOCK_N];
-  // the output's per-channel factor, amax_V / 448, one copy per consumer warpgroup: loaded while the
-  // first keys arrive, so that the epilogue does not wait on global loads column after column
-  float v_factor[CONSUMERS][D];
-  uint64_t full[STAGES];
-  uint64_t empty[STAGES];
+  // INT8 Q, the A operand of the QK product, in the layout TMA gives K (K-major, swizzled rows). Register
+  // A operands for Q were tried first (session 4): ptxas 13.0 gave the registers of Q, live across the
+  // loop, to P.
+  alignas(1024) uint8_t q[BLOCK_M * D];
+  alignas(16) float ks[STAGES][BLOCK_N];
+  // the output's per-channel factor, amax_V / 448: loaded while the first keys arrive, so that the
+  // epilogue does not wait on global loads column after column
+  float v_factor[D];
+  uint64_t full[STAGES];   // a stage's K, V^T and key scales have landed
+  uint64_t empty[STAGES];  // every warp is done with a stage (one arrival per warp)
 };
+
+// Bytes of Smem<D> up to its last member (sizeof rounds up to the 1024-byte alignment), plus the slack
+// that aligns the dynamic buffer: 3 CTAs of head_dim 128 must fit in the SM's 228 KiB.
+template <int D>
+constexpr int smem_bytes() {
+  return int(offsetof(Smem<D>, empty) + sizeof(uint64_t) * STAGES) + 1024;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Q: 64 rows of one consumer warpgroup, loaded from global memory straight into the A-operand
@@ -298,15 +291,14 @@ struct QRows {
 // The kernel
 
 template <int D, bool CAUSAL, typename T>
-__global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(THREADS, QUANTATTN_HOPPER_CTAS) sage_attention_hopper(const __grid_constant__ Params p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // swizzled TMA tiles want 1024-byte alignment, which the dynamic buffer is not promised
   const uint32_t misalign = smem_u32(smem_raw) & 1023;
   Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw + (misalign ? 1024 - misalign : 0));
 
-  const int m_blocks = gridDim.x;
   // causal: the longest query blocks first, so that the short ones fill the tail of the launch
-  const int m_block = CAUSAL ? m_blocks - 1 - blockIdx.x : blockIdx.x;
+  const int m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int bh = blockIdx.y;
   const int b = bh / p.hq, h = bh % p.hq;
   const int kvh = h / (p.hq / p.hkv);
@@ -315,54 +307,43 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
   const int shift = p.nk - p.nq;  // bottom-right causal alignment: row i sees keys j <= i + shift
   const int key_end = CAUSAL ? min(p.nk, max(m0 + BLOCK_M + shift, 0)) : p.nk;
   const int n_blocks = (key_end + BLOCK_N - 1) / BLOCK_N;
+  // the first key block that some row of this CTA cannot fully see (causal), or the tail block
+  const int full_blocks_end = CAUSAL ? min(p.nk / BLOCK_N, max(m0 + shift + 1, 0) / BLOCK_N) : p.nk / BLOCK_N;
 
-  const int wg = threadIdx.x / 128;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&sm.full[s], 1);
-      mbar_init(&sm.empty[s], CONSUMERS * 4);  // one arrival per consumer warp
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-
-  if (wg == 0) {
-    // ---- producer: one thread streams K, V^T and the key scales through the stages ----
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
-    if (threadIdx.x == 0) {
-      constexpr uint32_t STAGE_BYTES = Smem<D>::K_TILE + Smem<D>::V_TILE + BLOCK_N * 4;
-      for (int j = 0; j < n_blocks; ++j) {
-        const int s = j % STAGES;
-        mbar_wait(&sm.empty[s], ((j / STAGES) & 1) ^ 1);
-        mbar_expect_tx(&sm.full[s], STAGE_BYTES);
-        tma_load_3d(sm.k[s], &p.tm_k, &sm.full[s], 0, j * BLOCK_N, bh_kv);
-        tma_load_3d(sm.v[s], &p.tm_v, &sm.full[s], j * BLOCK_N, 0, bh_kv);
-        tma_load_2d(sm.ks[s], &p.tm_ks, &sm.full[s], j * BLOCK_N, bh_kv);
-      }
-    }
-    return;
-  }
-
-  // ---- consumers ----
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
-  const int tid = threadIdx.x % 128;
+  const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   const int t = lane % 4;
-  const int row_in_block = (wg - 1) * WG_ROWS + warp * 16 + lane / 4;
-  const int r0 = m0 + row_in_block;  // this thread's rows: r0 and r0 + 8
+  const int rl = warp * 16 + lane / 4;  // the thread's rows in the CTA's 64: rl and rl + 8
+  const int r0 = m0 + rl;
+
+  constexpr uint32_t STAGE_BYTES = Smem<D>::K_TILE + Smem<D>::V_TILE + BLOCK_N * 4;
+  auto load_stage = [&](int s, int j) {  // thread 0 only
+    mbar_expect_tx(&sm.full[s], STAGE_BYTES);
+    tma_load_3d(sm.k[s], &p.tm_k, &sm.full[s], 0, j * BLOCK_N, bh_kv);
+    tma_load_3d(sm.v[s], &p.tm_v, &sm.full[s], j * BLOCK_N, 0, bh_kv);
+    tma_load_2d(sm.ks[s], &p.tm_ks, &sm.full[s], j * BLOCK_N, bh_kv);
+  };
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&sm.full[s], 1);
+      mbar_init(&sm.empty[s], THREADS / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int s = 0; s < STAGES && s < n_blocks; ++s) load_stage(s, s);
+  }
+
+  // while the first keys arrive: V's channel factors, and Q quantized into its shared A tile
   const T* q_head = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const float* k_mean = p.k_mean != nullptr ? p.k_mean + int64_t(bh_kv) * D : nullptr;
-
-  const int c = wg - 1;
   if (tid < D) {
     const int64_t at = int64_t(bh_kv) * D + tid;
-    sm.v_factor[c][tid] = fmaxf(fmaxf(p.v_max[at], -p.v_min[at]), AMAX_FLOOR) * (1.f / V_RANGE);
+    sm.v_factor[tid] = fmaxf(fmaxf(p.v_max[at], -p.v_min[at]), AMAX_FLOOR) * (1.f / V_RANGE);
   }
   QRows<D, T> q;
   q.load(p, q_head, r0, t, p.lse != nullptr ? k_mean : nullptr);
-  const int rl = warp * 16 + lane / 4;  // the thread's first row in its warpgroup's 64
-  store_a_fragment<D, D / 32>(sm.q[c], q.a, rl, t);
-  fence_async_shared();  // the first turn's barrier orders it before the first QK product
+  store_a_fragment<D, D / 32>(sm.q, q.a, rl, t);
+  fence_async_shared();
+  __syncthreads();  // Q's tile (all four warps' rows), v_factor and the barriers' initialization
 
   constexpr int ACC = D / 2;  // accumulator registers per thread of a 64 x D product
   float o[ACC];
@@ -370,48 +351,26 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
   for (int i = 0; i < ACC; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_part[2] = {0.f, 0.f};  // this thread's share of the row sums (reduced over the quad at the end)
-  // the first key block that some row of this warpgroup cannot fully see (causal), or the tail block
-  const int wg_first_row = m0 + (wg - 1) * WG_ROWS;
-  const int full_blocks_end =
-      CAUSAL ? min(p.nk / BLOCK_N, max(wg_first_row + shift + 1, 0) / BLOCK_N) : p.nk / BLOCK_N;
 
-  // Software pipeline, one step per key block j: [QK(j) and PV(j-1) issued together] -> softmax(j)
-  // while they run -> PV(j-1) done: o updated, stage j-1 released. The two consumer warpgroups take
-  // turns at issuing (named barriers 1 and 2), so that one's softmax runs under the other's products.
-  // The first and last steps are peeled: a wgmma under a condition makes ptxas serialize them all.
-  const int other = TURN_BARRIER + (1 - c);
-  int32_t acc_s[64];
-  float fresh[ACC];
-  float alpha[2], alpha_prev[2];
+  // Descriptors of the first tiles; a stage or 32-byte k step is an offset in 16-byte units added to the
+  // address field (shared addresses stay below 2^18, so it never carries into the rest).
+  const uint64_t desc_q = smem_desc<D>(sm.q, 0), desc_k = smem_desc<D>(sm.k[0], 0);
+  const uint64_t desc_v = smem_desc<128>(sm.v[0], 0);
+  constexpr uint32_t K_STAGE = Smem<D>::K_TILE / 16, V_STAGE = Smem<D>::V_TILE / 16;
 
-  // Descriptors of the first tiles; a stage, buffer or 32-byte k step is an offset in 16-byte units
-  // added to the address field (shared addresses stay below 2^18, so it never carries into the rest).
-  // Recomputing them from pointers cost ~50 instructions per key block.
-  const uint64_t desc_q = smem_desc<D>(sm.q[c], 0), desc_k = smem_desc<D>(sm.k[0], 0);
-  const uint64_t desc_p = smem_desc<128>(sm.p[c][0], 0), desc_v = smem_desc<128>(sm.v[0], 0);
-  constexpr uint32_t K_STAGE = Smem<D>::K_TILE / 16, V_STAGE = Smem<D>::V_TILE / 16, P_BUF = WG_ROWS * BLOCK_N / 16;
-  auto issue_qk = [&](uint32_t j) {
-    // S = Q K^T (INT8 -> INT32), 64 x 128 per warpgroup
-    const uint64_t dk = desc_k + (j % STAGES) * K_STAGE;
+  for (int j = 0; j < n_blocks; ++j) {
+    const int s = j % STAGES;
+    mbar_wait(&sm.full[s], (j / STAGES) & 1);
+
+    // S = Q K^T (INT8 -> INT32), 64 x 128
+    int32_t acc_s[64];
+    wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < D / 32; ++k) wgmma_s8_n128_ss(acc_s, desc_q + 2 * k, dk + 2 * k, k > 0);
+    for (int k = 0; k < D / 32; ++k) wgmma_s8_n128_ss(acc_s, desc_q + 2 * k, desc_k + s * K_STAGE + 2 * k, k > 0);
     wgmma_commit();
-  };
-  auto issue_pv = [&](uint32_t j) {
-    // fresh = P V (FP8, the tensor cores' FP32 accumulator), for key block j
-    const uint64_t dp = desc_p + (j % 2) * P_BUF, dv = desc_v + (j % STAGES) * V_STAGE;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if constexpr (D == 128) {
-        wgmma_e4m3_n128_ss(fresh, dp + 2 * k, dv + 2 * k, k > 0);
-      } else {
-        wgmma_e4m3_n64_ss(fresh, dp + 2 * k, dv + 2 * k, k > 0);
-      }
-    }
-    wgmma_commit();
-  };
-  auto softmax = [&](uint32_t j) {
-    const uint32_t s = j % STAGES;
+    wgmma_wait<0>();
+    fence_regs(acc_s);
+
     // scores in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max)
     float sc[64];
 #pragma unroll
@@ -422,19 +381,19 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
       sc[4 * cc + 2] = __int2float_rn(acc_s[4 * cc + 2]) * ks.x;
       sc[4 * cc + 3] = __int2float_rn(acc_s[4 * cc + 3]) * ks.y;
     }
-    if (int(j) >= full_blocks_end) {
+    if (j >= full_blocks_end) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) {
-        const int key = int(j) * BLOCK_N + 8 * (i / 4) + 2 * t + (i % 2);
+        const int key = j * BLOCK_N + 8 * (i / 4) + 2 * t + (i % 2);
         const int row = r0 + 8 * ((i / 2) % 2);
         const bool visible = key < p.nk && (!CAUSAL || key <= row + shift);
         sc[i] = visible ? sc[i] : -INFINITY;
       }
     }
-    float m_safe[2];
+    float m_safe[2], alpha[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      // a tree, not a chain: with two warps per scheduler the chain's latency is not hidden
+      // a tree, not a chain: the chain's latency is not hidden
       float mx[16];
 #pragma unroll
       for (int cc = 0; cc < 16; ++cc) mx[cc] = fmaxf(sc[4 * cc + 2 * hh], sc[4 * cc + 2 * hh + 1]);
@@ -449,14 +408,13 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
       alpha[hh] = ex2(m_run[hh] - m_safe[hh]);
       m_run[hh] = m_new;
     }
-    // 448 * P = exp2(s * q_scale - m + log2 448) in E4M3, written as the A operand of this block's PV;
-    // its row sums are 448 * l, which the epilogue divides out
+    // 448 * P = exp2(s * q_scale - m + log2 448) in E4M3, packed as this thread's A fragment of the PV
+    // product; its row sums are 448 * l, which the epilogue divides out
     const float m_exp[2] = {LOG2_P_SCALE - m_safe[0], LOG2_P_SCALE - m_safe[1]};
     float rowsum[2] = {0.f, 0.f};
-    uint8_t* pt = sm.p[c][j % 2u];
+    uint32_t pa[4][4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      uint32_t pk[1][4];  // one 32-key step at a time: fewer live registers
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         float pv[8];
@@ -466,59 +424,38 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
           for (int e = 0; e < 2; ++e) pv[2 * cc + e] = ex2(fmaf(sc[4 * (4 * k + cc) + 2 * hh + e], q.scale[hh], m_exp[hh]));
         }
         rowsum[hh] += ((pv[0] + pv[1]) + (pv[2] + pv[3])) + ((pv[4] + pv[5]) + (pv[6] + pv[7]));
-        pk[0][hh] = e4m3x2(pv[0], pv[1]) | (e4m3x2(pv[2], pv[3]) << 16);
-        pk[0][2 + hh] = e4m3x2(pv[4], pv[5]) | (e4m3x2(pv[6], pv[7]) << 16);
+        pa[k][hh] = e4m3x2(pv[0], pv[1]) | (e4m3x2(pv[2], pv[3]) << 16);
+        pa[k][2 + hh] = e4m3x2(pv[4], pv[5]) | (e4m3x2(pv[6], pv[7]) << 16);
       }
-      store_a_fragment<BLOCK_N, 1>(pt, pk, rl, t, k);
     }
-    fence_async_shared();  // read by the tensor cores after the next turn's barrier
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) l_part[hh] = l_part[hh] * alpha[hh] + rowsum[hh];
-  };
-  auto finish_pv = [&](uint32_t j) {
-    // o after block j: rescaled by that block's alpha, then its fresh product added in FP32
-    fence_regs(fresh);
-    if (lane == 0) mbar_arrive(&sm.empty[j % STAGES]);
-#pragma unroll
-    for (int i = 0; i < ACC; ++i) o[i] = fmaf(o[i], alpha_prev[(i / 2) % 2], fresh[i]);
-  };
 
-  if (n_blocks > 0) {
-    if (c == 1) named_arrive(TURN_BARRIER + 0);  // warpgroup 0 issues first
-    mbar_wait(&sm.full[0], 0);
-    named_sync(TURN_BARRIER + c);
+    // fresh = P V (FP8, the tensor cores' FP32 accumulator), then added to o in FP32
+    float fresh[ACC];
     wgmma_fence();
-    issue_qk(0);
-    named_arrive(other);
-    wgmma_wait<0>();
-    fence_regs(acc_s);
-    softmax(0);
-    alpha_prev[0] = alpha[0], alpha_prev[1] = alpha[1];
-    for (uint32_t j = 1; j < uint32_t(n_blocks); ++j) {
-      mbar_wait(&sm.full[j % STAGES], (j / STAGES) & 1);
-      named_sync(TURN_BARRIER + c);
-      wgmma_fence();
-      issue_qk(j);
-      issue_pv(j - 1);
-      named_arrive(other);
-      wgmma_wait<1>();
-      fence_regs(acc_s);
-      softmax(j);
-      wgmma_wait<0>();
-      finish_pv(j - 1);
-      alpha_prev[0] = alpha[0], alpha_prev[1] = alpha[1];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (D == 128) {
+        wgmma_e4m3_n128_rs(fresh, pa[k], desc_v + s * V_STAGE + 2 * k, k > 0);
+      } else {
+        wgmma_e4m3_n64_rs(fresh, pa[k], desc_v + s * V_STAGE + 2 * k, k > 0);
+      }
     }
-    named_sync(TURN_BARRIER + c);
-    wgmma_fence();
-    issue_pv(n_blocks - 1);
-    if (c == 0) named_arrive(other);  // warpgroup 1's last turn gives none back: arrivals match waits
+    wgmma_commit();
     wgmma_wait<0>();
-    finish_pv(n_blocks - 1);
+    fence_regs(fresh);
+    if (lane == 0) mbar_arrive(&sm.empty[s]);
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) o[i] = fmaf(o[i], alpha[(i / 2) % 2], fresh[i]);
+    if (tid == 0 && j + STAGES < n_blocks) {
+      mbar_wait(&sm.empty[s], (j / STAGES) & 1);
+      load_stage(s, j + STAGES);
+    }
   }
 
   // ---- epilogue: normalize, undo V's scale, store ----
-  // one reciprocal per row instead of an IEEE division per element (~20 instructions each; with the
-  // serialized v_max loads the epilogue was ~30% of a 1K-key call): within 2 ulp of o / l * amax / 448,
+  // one reciprocal per row instead of an IEEE division per element: within 2 ulp of o / l * amax / 448,
   // far below the output's rounding
   float l[2], inv_l[2];
   bool has_keys[2];
@@ -528,13 +465,12 @@ __global__ void __launch_bounds__(THREADS, 1) sage_attention_hopper(const __grid
     has_keys[hh] = l[hh] > 0.f || l[hh] != l[hh];
     inv_l[hh] = __frcp_rn(l[hh] > 0.f ? l[hh] : 1.f);
   }
-  named_sync_wg(WG_BARRIER + c);  // v_factor, written by this warpgroup's threads in the prologue
   T* o_head = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
 #pragma unroll
   for (int cc = 0; cc < D / 8; ++cc) {
     const int col = 8 * cc + 2 * t;
     // l holds 448 * the row sum (P_SCALE in the exponent), which v_factor's 1 / 448 undoes
-    const float2 f = *reinterpret_cast<const float2*>(&sm.v_factor[c][col]);
+    const float2 f = *reinterpret_cast<const float2*>(&sm.v_factor[col]);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int row = r0 + 8 * hh;
@@ -594,7 +530,7 @@ static int encode(CUtensorMap* map, CUtensorMapDataType dtype, int rank, const v
 template <int D, bool CAUSAL, typename T>
 static int launch_typed(const Params& p, int batch, cudaStream_t stream) {
   auto kernel = sage_attention_hopper<D, CAUSAL, T>;
-  const int smem = sizeof(Smem<D>) + 1024;  // + slack to align the dynamic buffer to 1024 bytes
+  const int smem = smem_bytes<D>();
   static bool configured = false;
   if (!configured) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return -3;
