@@ -174,13 +174,13 @@ class HopperBackend:
         return reasons
 
     # backend="auto" takes it where it was measured faster than the Triton kernel as a whole call (H100,
-    # bench/results/2026-11-23_062221_H100_session6, with the CUDA K/V preprocessing: head_dim 128 at every
-    # N from 1K, causal or not, by 5-50%). At head_dim 64 it is faster only below 4K and slower from 16K,
-    # so the Triton path keeps head_dim 64; below 1K queries nothing was measured.
+    # bench/results/2026-11-23_075224_H100_session7: head_dim 128 and 64 at every N from 1K, causal or
+    # not, by 5-50%; head_dim 64 joined when the kernel went to 4 CTAs per SM). Below 1K queries nothing
+    # was measured.
     AUTO_MIN_QUERIES = 1024
 
     def prefers(self, call: AttentionCall) -> bool:
-        return call.q.shape[-1] == 128 and call.q.shape[2] >= self.AUTO_MIN_QUERIES
+        return call.q.shape[2] >= self.AUTO_MIN_QUERIES
 
     def forward(self, call: AttentionCall) -> None:
         from quantattn.hopper.launch import forward

@@ -287,14 +287,15 @@ def _spy_on_hopper(monkeypatch) -> list:
 
 
 def test_auto_picks_hopper_where_it_is_faster(monkeypatch):
-    """auto takes the Hopper kernel for head_dim 128 from HopperBackend.AUTO_MIN_QUERIES queries (where it
-    measured faster), and the Triton kernel for shorter calls."""
-    q, k, v = inputs(130, 1, 1, 1, 16384, 16384, 128)
+    """auto takes the Hopper kernel for head_dim 64 and 128 from HopperBackend.AUTO_MIN_QUERIES queries
+    (where it measured faster), and the Triton kernel for shorter calls."""
     seen = _spy_on_hopper(monkeypatch)
-    out = qa.sageattn(q, k, v, is_causal=True)
-    assert seen, "backend='auto' did not run the Hopper backend on a call it supports"
-    assert torch.equal(out, qa.sageattn(q, k, v, is_causal=True, backend="hopper"))
-    seen.clear()
+    for seed, d in ((130, 128), (132, 64)):
+        q, k, v = inputs(seed, 1, 1, 1, 16384, 16384, d)
+        out = qa.sageattn(q, k, v, is_causal=True)
+        assert seen, f"backend='auto' did not run the Hopper backend on a head_dim {d} call it supports"
+        assert torch.equal(out, qa.sageattn(q, k, v, is_causal=True, backend="hopper"))
+        seen.clear()
     short = inputs(131, 1, 4, 2, 512, 512, 128)
     qa.sageattn(*short, is_causal=True)
     assert not seen
