@@ -231,9 +231,9 @@ constexpr int smem_bytes() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Q: 64 rows of one consumer warpgroup, loaded from global memory straight into the A-operand
-// registers of the QK product (thread: rows r and r + 8 of its warp's 16, in each 32-channel step the
-// channels 4t..4t+3 and 16+4t..16+4t+3), quantized with one scale per row.
+// Q: the CTA's 64 rows, loaded from global memory into registers in the A-fragment layout of the QK
+// product (thread: rows r and r + 8 of its warp's 16, in each 32-channel step the channels 4t..4t+3 and
+// 16+4t..16+4t+3), quantized with one scale per row; the kernel then stores them as the shared A tile.
 
 template <int D, typename T>
 struct QRows {
