@@ -1,5 +1,5 @@
-"""The native Hopper backend: a CUDA C++ attention kernel (wgmma, TMA, warp-specialized) for sm_90, and
-the K/V preprocessing it reads (one launch).
+"""The native Hopper backend: a CUDA C++ attention kernel (wgmma, TMA, one warpgroup per CTA and several
+CTAs per SM) for sm_90, and the K/V preprocessing it reads (one launch).
 
 Optional: it needs an H100/H200-class GPU and a CUDA compiler (nvcc) the first time (see build.py);
 everything else runs the Triton kernels. QUANTATTN_HOPPER=0 keeps backend="auto" off it.

@@ -21,6 +21,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "wgmma.cuh"
 
@@ -38,9 +40,7 @@ constexpr int ctas_per_sm() {
   return D == 128 ? 3 : 4;
 }
 template <int S>
-struct Stage {
-  static constexpr int value = S;
-};
+using Stage = std::integral_constant<int, S>;
 static_assert(STAGES == 2, "the unrolled loop below walks two stages");
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // P is scaled inside the exponent: exp2(x + log2 448)
 

@@ -285,13 +285,14 @@ def preprocess_kv(
     floats (TMA wants 16-byte row strides)."""
     k, v = _check_strides(k), _check_strides(v)
     _, h, _, d = k.shape
+    heads = seqs.count * h
     assert not wgmma_order or (cfg.is_fp8_pv and not seqs.is_varlen)
     buf = kv_buffers(k, v, cfg, seqs, wgmma_order)
     if buf.sync is not None:
         args = (
             k, k.stride(0), k.stride(1), k.stride(2),
             v, v.stride(0), v.stride(1), v.stride(2),
-            _cu(seqs, k), seqs.n_dense, h, seqs.count * h, buf.n_chunks, buf.lag,
+            _cu(seqs, k), seqs.n_dense, h, heads, buf.n_chunks, buf.lag,
             buf.partials, buf.stats, buf.sync,
             buf.kq, buf.kq.stride(0), buf.kq.stride(1), buf.kq.stride(2),
             buf.k_scale, buf.k_scale.stride(0), buf.k_scale.stride(1),
@@ -305,7 +306,7 @@ def preprocess_kv(
             HEAD_DIM=d, D_PAD=head_dim_pad(d), BLOCK_N=QUANT_BLOCK, IS_VARLEN=seqs.is_varlen,
             LENGTHS=seqs.has_lengths, V_WGMMA_ORDER=wgmma_order,
         )  # fmt: skip
-        grid = ((seqs.count * h + buf.lag) * buf.n_chunks,)
+        grid = ((heads + buf.lag) * buf.n_chunks,)
         launch_preprocess_kv(grid, args, constexprs, num_warps=PREPROCESS_WARPS, num_stages=1)
     return buf.result(cfg, seqs)
 
