@@ -7,7 +7,8 @@ do, and tests/gpu/test_integrations_gpu.py checks it against `torch.cuda.max_mem
 Each buffer counts as the CUDA caching allocator counts it: rounded up to 512 bytes.
 
 The Hopper backend (quantattn/hopper) allocates the same buffers with k_scale rows rounded up to 4 floats
-and V^T's keys to 32 instead of 16: at most 12 bytes per (batch, kv head) and 16 per channel row more.
+and V^T's keys to 32 instead of 16: at most 12 bytes per (batch, kv head) and 16 per channel row more. Up
+to 2K keys its resident preprocessing needs no partials and no counters, so it allocates less than stated.
 
 Not counted: the output and the log-sum-exp (the caller gets those), and a contiguous copy of Q, K or V when its last dimension is not contiguous
 (stride != 1: the kernels read channels with stride 1; every other layout, transposes and offsets

@@ -1,5 +1,6 @@
 """The native Hopper backend: a CUDA C++ attention kernel (wgmma, TMA, one warpgroup per CTA and several
-CTAs per SM) for sm_90, and the K/V preprocessing it reads (one launch).
+CTAs per SM) for sm_90, and the K/V preprocessing it reads (one launch: a cluster of CTAs per head that
+keeps K and V in shared memory up to 2K keys, a ticketed two-phase kernel beyond).
 
 Optional: it needs an H100/H200-class GPU and a CUDA compiler (nvcc) the first time (see build.py);
 everything else runs the Triton kernels. QUANTATTN_HOPPER=0 keeps backend="auto" off it.
@@ -33,6 +34,16 @@ _PREPROCESS_ARGTYPES = (
     + [ctypes.c_void_p]  # stream
 )  # fmt: skip
 
+_RESIDENT_ARGTYPES = (
+    [ctypes.c_void_p] + [ctypes.c_int64] * 3  # k and its strides
+    + [ctypes.c_void_p] + [ctypes.c_int64] * 3  # v and its strides
+    + [ctypes.c_int] * 3  # h, n, heads
+    + [ctypes.c_void_p] * 3 + [ctypes.c_int64]  # stats, kq, k_scale, its row stride
+    + [ctypes.c_void_p, ctypes.c_int64]  # V^T and its padded key count
+    + [ctypes.c_int] * 3  # head_dim, is_bf16, smooth_k
+    + [ctypes.c_void_p]  # stream
+)  # fmt: skip
+
 ERRORS = {
     -1: "the CUDA driver has no cuTensorMapEncodeTiled",
     -2: "a TMA tensor map was refused (alignment or strides)",
@@ -45,6 +56,8 @@ ERRORS = {
 class _State:
     lib = None
     preprocess = None
+    resident = None
+    resident_max_keys = 0
     reason: str | None = None
 
 
@@ -68,6 +81,12 @@ def _load() -> _State:
             pre.argtypes = _PREPROCESS_ARGTYPES
             pre.restype = ctypes.c_int
             state.preprocess = pre
+        resident = getattr(lib, "quantattn_hopper_preprocess_resident", None)
+        if resident is not None:
+            resident.argtypes = _RESIDENT_ARGTYPES
+            resident.restype = ctypes.c_int
+            state.resident = resident
+            state.resident_max_keys = int(lib.quantattn_hopper_resident_max_keys())
     except (OSError, RuntimeError) as exc:
         state.reason = f"the Hopper kernel could not be built or loaded: {exc}"
     return state
@@ -113,3 +132,18 @@ def preprocess_kernel():
     if state.lib is None:
         raise RuntimeError(state.reason)
     return state.preprocess
+
+
+def resident_preprocess_kernel():
+    """The ctypes function of the resident K/V preprocessing (heads of at most `resident_max_keys()` keys,
+    one cluster of CTAs per head), or None when the library has none."""
+    state = _load()
+    if state.lib is None:
+        raise RuntimeError(state.reason)
+    return state.resident
+
+
+def resident_max_keys() -> int:
+    """The most keys per head the resident preprocessing takes (0 without it)."""
+    state = _load()
+    return state.resident_max_keys if state.resident is not None else 0

@@ -43,4 +43,8 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
 
 __device__ __forceinline__ bool is_finite(float x) { return fabsf(x) < INFINITY; }
 
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 }  // namespace quantattn_hopper

@@ -64,13 +64,27 @@ def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences
     return None
 
 
+def preprocess_path(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences) -> str:
+    """Which preprocessing `preprocess` runs: "resident" (CUDA, one cluster of CTAs per head holding its K
+    and V in shared memory: up to hopper.resident_max_keys() keys), "ticket" (CUDA, two phases) or
+    "triton". QUANTATTN_HOPPER_RESIDENT=0 turns the resident one off."""
+    if native_preprocess_reason(k, v, seqs) is not None:
+        return "triton"
+    if os.environ.get("QUANTATTN_HOPPER_RESIDENT", "1") != "0" and k.shape[2] <= hopper.resident_max_keys():
+        return "resident"
+    return "ticket"
+
+
 def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences | None = None) -> L.QuantizedKV:
-    """K and V (HND views) smoothed and quantized in the Hopper kernel's layout: by the CUDA preprocessing
+    """K and V (HND views) smoothed and quantized in the Hopper kernel's layout: by a CUDA preprocessing
     where it can read them, else by the Triton one (the same buffers; the values differ only by rounding:
     tests/gpu/test_hopper_preprocess_gpu.py)."""
     seqs = seqs or L.sequences(k, None, 0)
-    if native_preprocess_reason(k, v, seqs) is not None:
+    path = preprocess_path(k, v, seqs)
+    if path == "triton":
         return L.preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
+    if path == "resident":
+        return _preprocess_resident(k, v, cfg, seqs)
     buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, max_chunks=MAX_CHUNKS, lag_chunks=LAG_CHUNKS)
     if buf.sync is not None:
         b, h, n, d = k.shape
@@ -80,6 +94,23 @@ def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Seque
             v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
             h, n, b * h, buf.n_chunks, buf.per_chunk, buf.lag,
             buf.partials.data_ptr(), buf.stats.data_ptr(), buf.sync.data_ptr(),
+            buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1), buf.vq.data_ptr(), buf.vq.shape[-1],
+            d, k.dtype == torch.bfloat16, cfg.smooth_k, stream,
+        )  # fmt: skip
+        if err:
+            raise RuntimeError(f"quantattn Hopper preprocessing: {hopper.ERRORS.get(err, err)}")
+    return buf.result(cfg, seqs)
+
+
+def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences) -> L.QuantizedKV:
+    buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, scratch=False)
+    b, h, n, d = k.shape
+    if b * h and n:
+        stream = torch.cuda.current_stream(k.device).cuda_stream
+        err = hopper.resident_preprocess_kernel()(
+            k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+            v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+            h, n, b * h, buf.stats.data_ptr(),
             buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1), buf.vq.data_ptr(), buf.vq.shape[-1],
             d, k.dtype == torch.bfloat16, cfg.smooth_k, stream,
         )  # fmt: skip

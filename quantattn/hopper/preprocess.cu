@@ -78,16 +78,18 @@ __device__ __forceinline__ uint4 load_row(const T* base, int row, int n, int64_t
 
 __device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 
-// Per channel sums, maxima and minima of the finite elements of one tensor's rows, one thread's share.
+// Per channel sums, maxima and minima of the finite elements of one tensor's rows, one thread's share of E
+// channels.
+template <int E>
 struct Partial {
-  float sum[8], max[8], min[8], count[8];
+  float sum[E], max[E], min[E], count[E];
   __device__ __forceinline__ void init() {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) sum[e] = 0.f, max[e] = -INFINITY, min[e] = INFINITY, count[e] = 0.f;
+    for (int e = 0; e < E; ++e) sum[e] = 0.f, max[e] = -INFINITY, min[e] = INFINITY, count[e] = 0.f;
   }
-  __device__ __forceinline__ void add(const float (&x)[8], bool counted) {
+  __device__ __forceinline__ void add(const float (&x)[E], bool counted) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
+    for (int e = 0; e < E; ++e) {
       const bool ok = is_finite(x[e]);
       sum[e] += ok ? x[e] : 0.f;
       max[e] = fmaxf(max[e], ok ? x[e] : -INFINITY);
@@ -97,12 +99,12 @@ struct Partial {
   }
   // combine the lanes that hold the same channels (lanes VECS apart), then write the warp's share
   template <int VECS>
-  __device__ __forceinline__ void to_shared(float (&red)[PARTIAL_ROWS][VECS * 8], int first_row, int lane,
+  __device__ __forceinline__ void to_shared(float (&red)[PARTIAL_ROWS][VECS * E], int first_row, int lane,
                                             bool counted) {
 #pragma unroll
     for (int off = VECS; off < 32; off *= 2) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
+      for (int e = 0; e < E; ++e) {
         sum[e] += __shfl_xor_sync(0xFFFFFFFF, sum[e], off);
         max[e] = fmaxf(max[e], __shfl_xor_sync(0xFFFFFFFF, max[e], off));
         min[e] = fminf(min[e], __shfl_xor_sync(0xFFFFFFFF, min[e], off));
@@ -111,11 +113,11 @@ struct Partial {
     }
     if (lane < VECS) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        red[first_row][8 * lane + e] = sum[e];
-        red[first_row + 1][8 * lane + e] = max[e];
-        red[first_row + 2][8 * lane + e] = min[e];
-        if (counted) red[K_COUNT_ROW][8 * lane + e] = count[e];
+      for (int e = 0; e < E; ++e) {
+        red[first_row][E * lane + e] = sum[e];
+        red[first_row + 1][E * lane + e] = max[e];
+        red[first_row + 2][E * lane + e] = min[e];
+        if (counted) red[K_COUNT_ROW][E * lane + e] = count[e];
       }
     }
   }
@@ -125,23 +127,45 @@ struct Partial {
 __device__ __forceinline__ float identity(int q) {
   return (q == 1 || q == 4) ? -INFINITY : (q == 2 || q == 5) ? INFINITY : 0.f;
 }
+__device__ __forceinline__ float combine(int q, float acc, float x) {
+  return (q == 1 || q == 4) ? fmaxf(acc, x) : (q == 2 || q == 5) ? fminf(acc, x) : acc + x;
+}
 
 // Partial row q of the chunk, channel ch: the warps' shares combined in warp order.
 template <int D>
 __device__ __forceinline__ float combine_warps(const Shared<D>& sm, int q, int ch) {
-  const bool is_max = q == 1 || q == 4, is_min = q == 2 || q == 5;
   float acc = sm.red[0][q][ch];
 #pragma unroll
-  for (int w = 1; w < WARPS / 2; ++w) {
-    const float x = sm.red[w][q][ch];
-    acc = is_max ? fmaxf(acc, x) : is_min ? fminf(acc, x) : acc + x;
-  }
+  for (int w = 1; w < WARPS / 2; ++w) acc = combine(q, acc, sm.red[w][q][ch]);
   return acc;
 }
 
-// The head's last chunk to finish: its chunks' partials (in chunk order, so that the result does not
-// depend on which CTA ran last) -> STATS. K's centre is the trimmed mean of the finite elements,
-// (sum - max - min) / (finite - 2), zero where fewer than 3 are finite (reference.quant.smoothing_vector_k).
+// One channel's statistics of a whole head from its combined partial rows -> STATS. K's centre is the
+// trimmed mean of the finite elements, (sum - max - min) / (finite - 2), zero where fewer than 3 are
+// finite (reference.quant.smoothing_vector_k).
+__device__ __forceinline__ float k_centre(const float (&acc)[PARTIAL_ROWS]) {
+  const float finite = acc[K_COUNT_ROW];
+  const bool enough = finite >= 3.f;
+  const float trimmed = acc[0] - (enough ? acc[1] : 0.f) - (enough ? acc[2] : 0.f);
+  return enough ? __fdiv_rn(trimmed, fmaxf(finite - 2.f, 1.f)) : 0.f;
+}
+// V's FP8 factor of one channel, 448 / amax, from its maximum and minimum
+__device__ __forceinline__ float v_factor(float max, float min) {
+  return __fdiv_rn(V_RANGE, fmaxf(fmaxf(max, -min), AMAX_FLOOR));
+}
+
+template <int D>
+__device__ __forceinline__ void store_statistics(const Params& p, int head, int ch, const float (&acc)[PARTIAL_ROWS]) {
+  const float v_mean = __fdiv_rn(acc[3], fmaxf(float(p.n), 1.f));
+  const int64_t plane = int64_t(p.heads) * D;
+  float* out = p.stats + int64_t(head) * D + ch;
+  const float values[6] = {k_centre(acc), acc[1], acc[2], v_mean, acc[4], acc[5]};
+#pragma unroll
+  for (int q = 0; q < 6; ++q) out[q * plane] = values[q];
+}
+
+// The head's last chunk to finish: its chunks' partials, combined in chunk order so that the result does
+// not depend on which CTA ran last.
 template <int D>
 __device__ __forceinline__ void reduce_statistics(const Params& p, int head, int ch) {
   const float* part = p.part + int64_t(head) * p.n_chunks * PARTIAL_ROWS * D + ch;
@@ -160,18 +184,9 @@ __device__ __forceinline__ void reduce_statistics(const Params& p, int head, int
     for (int c = 0; c < AT_ONCE; ++c)
 #pragma unroll
       for (int q = 0; q < PARTIAL_ROWS; ++q)
-        acc[q] = (q == 1 || q == 4) ? fmaxf(acc[q], x[c][q]) : (q == 2 || q == 5) ? fminf(acc[q], x[c][q]) : acc[q] + x[c][q];
+        acc[q] = combine(q, acc[q], x[c][q]);
   }
-  const float finite = acc[K_COUNT_ROW];
-  const bool enough = finite >= 3.f;
-  const float trimmed = acc[0] - (enough ? acc[1] : 0.f) - (enough ? acc[2] : 0.f);
-  const float k_centre = enough ? __fdiv_rn(trimmed, fmaxf(finite - 2.f, 1.f)) : 0.f;
-  const float v_mean = __fdiv_rn(acc[3], fmaxf(float(p.n), 1.f));
-  const int64_t plane = int64_t(p.heads) * D;
-  float* out = p.stats + int64_t(head) * D + ch;
-  const float values[6] = {k_centre, acc[1], acc[2], v_mean, acc[4], acc[5]};
-#pragma unroll
-  for (int q = 0; q < 6; ++q) out[q * plane] = values[q];
+  store_statistics<D>(p, head, ch, acc);
 }
 
 template <int D, typename T>
@@ -186,7 +201,7 @@ __device__ __forceinline__ void chunk_statistics(const Params& p, Shared<D>& sm,
   const T* base = is_v ? static_cast<const T*>(p.v) + b * p.v_sb + hh * p.v_sh
                        : static_cast<const T*>(p.k) + b * p.k_sb + hh * p.k_sh;
   const int64_t stride = is_v ? p.v_sn : p.k_sn;
-  Partial st;
+  Partial<8> st;
   st.init();
   const int row0 = chunk * p.blocks_per_chunk * BLOCK;
   for (int blk = 0; blk < p.blocks_per_chunk; ++blk) {
@@ -229,6 +244,47 @@ __device__ __forceinline__ void chunk_statistics(const Params& p, Shared<D>& sm,
       atomicAdd(p.sync + 1 + head, 1);  // n_chunks + 1: the head's statistics are ready
     }
   }
+}
+
+// K quantization of one row's 8 channels held by this thread, the row's VECS lanes consecutive in the
+// warp: INT8 after subtracting smooth K's vector, one scale per row (NaN where the row holds a
+// non-finite element; its finite elements are still quantized). Stores where in_range; the scale where
+// scale is not null (one lane of the row).
+template <int VECS, typename T>
+__device__ __forceinline__ void quantize_k_vector(const uint4& raw, const float (&mean)[8], bool in_range, int8_t* dst,
+                                                  float* scale) {
+  float x[8];
+  unpack8<T>(raw, x);
+  int bad = 0;
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    bad |= is_finite(x[e]) ? 0 : 1;
+    const float s = x[e] - mean[e];
+    x[e] = is_finite(s) ? s : 0.f;
+    amax = fmaxf(amax, fabsf(x[e]));
+  }
+#pragma unroll
+  for (int off = VECS / 2; off > 0; off /= 2) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFF, amax, off));
+    bad |= __shfl_xor_sync(0xFFFFFFFF, bad, off);
+  }
+  amax = fmaxf(amax, AMAX_FLOOR);
+  const float inv = __fdiv_rn(QMAX, amax);
+  int qi[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) qi[e] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(x[e], inv)), -QMAX), QMAX));
+  if (in_range) {
+    *reinterpret_cast<uint2*>(dst) =
+        make_uint2(pack_s8x4(qi[0], qi[1], qi[2], qi[3]), pack_s8x4(qi[4], qi[5], qi[6], qi[7]));
+    if (scale != nullptr) *scale = bad ? __int_as_float(0x7FC00000) : __fdiv_rn(amax, QMAX);
+  }
+}
+
+// V's element scaled to E4M3's range, ready for the saturating cast (which would make Inf 448: NaN instead).
+__device__ __forceinline__ float v_scaled(float x, float factor) {
+  const float y = x * factor;
+  return fabsf(y) == INFINITY ? NAN : y;
 }
 
 // Quantization of one chunk of a head whose statistics are complete, V_GROUPS 64-key blocks at a time,
@@ -279,9 +335,7 @@ struct ChunkQuantizer {
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       mean[e] = SMOOTH_K ? __ldcg(stat + 8 * kc + e) : 0.f;
-      const float amax = fmaxf(fmaxf(__ldcg(stat + 4 * plane + 8 * vc + e), -__ldcg(stat + 5 * plane + 8 * vc + e)),
-                               AMAX_FLOOR);
-      factor[e] = __fdiv_rn(V_RANGE, amax);
+      factor[e] = v_factor(__ldcg(stat + 4 * plane + 8 * vc + e), __ldcg(stat + 5 * plane + 8 * vc + e));
     }
   }
 
@@ -307,32 +361,7 @@ struct ChunkQuantizer {
   }
 
   __device__ __forceinline__ void k_row(const uint4& raw, int row) {
-    float x[8];
-    unpack8<T>(raw, x);
-    int bad = 0;
-    float amax = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      bad |= is_finite(x[e]) ? 0 : 1;
-      const float s = x[e] - mean[e];
-      x[e] = is_finite(s) ? s : 0.f;
-      amax = fmaxf(amax, fabsf(x[e]));
-    }
-#pragma unroll
-    for (int off = L::VECS / 2; off > 0; off /= 2) {  // the row's VECS lanes are consecutive
-      amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFF, amax, off));
-      bad |= __shfl_xor_sync(0xFFFFFFFF, bad, off);
-    }
-    amax = fmaxf(amax, AMAX_FLOOR);
-    const float inv = __fdiv_rn(QMAX, amax);
-    int qi[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) qi[e] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(x[e], inv)), -QMAX), QMAX));
-    if (row < chunk_end) {
-      *reinterpret_cast<uint2*>(kq + int64_t(row) * D) =
-          make_uint2(pack_s8x4(qi[0], qi[1], qi[2], qi[3]), pack_s8x4(qi[4], qi[5], qi[6], qi[7]));
-      if (kc == 0) k_scale[row] = bad ? __int_as_float(0x7FC00000) : __fdiv_rn(amax, QMAX);
-    }
+    quantize_k_vector<L::VECS, T>(raw, mean, row < chunk_end, kq + int64_t(row) * D, kc == 0 ? k_scale + row : nullptr);
   }
 
   __device__ __forceinline__ void v_words(const uint4 (&raw)[4], int first_row) {
@@ -344,10 +373,7 @@ struct ChunkQuantizer {
       unpack8<T>(raw[i + 1], x1);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        float y0 = x0[e] * factor[e], y1 = x1[e] * factor[e];
-        y0 = fabsf(y0) == INFINITY ? NAN : y0;  // the saturating cast would make Inf 448
-        y1 = fabsf(y1) == INFINITY ? NAN : y1;
-        word[e] |= e4m3x2(y0, y1) << (8 * i);
+        word[e] |= e4m3x2(v_scaled(x0[e], factor[e]), v_scaled(x1[e], factor[e])) << (8 * i);
       }
     }
     __syncthreads();  // the previous group's tile has gone out
@@ -405,6 +431,263 @@ static int launch(const Params& p, bool smooth_k, cudaStream_t stream) {
   return cudaPeekAtLastError() == cudaSuccess ? 0 : -4;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Resident variant, for heads of at most RESIDENT_KEYS * MAX_CLUSTER keys: a cluster of CTAs per (batch,
+// kv head), each holding RESIDENT_KEYS keys of K and V in shared memory from the statistics to the
+// quantization. The CTAs exchange their partial statistics through distributed shared memory. So K and V
+// are read from DRAM once, and there is no ticket, counter or partial in global memory: one launch,
+// no memset, about three dependent trips to memory per CTA instead of eight (the ticket kernel's are what
+// bounds it below 4K keys: docs/perf-notes.md, session 6).
+
+constexpr int RESIDENT_KEYS = 128;
+constexpr int MAX_CLUSTER = 16;  // a non-portable cluster size, which the H100 allows
+constexpr int RESIDENT_CTAS_PER_SM = 3;
+
+template <int D>
+struct ResidentSmem {
+  static constexpr int SPLITS = THREADS / D;  // key ranges per channel pair in the statistics
+  uint32_t k[RESIDENT_KEYS][D / 2];           // the rows as loaded: pairs of 16-bit elements
+  uint32_t v[RESIDENT_KEYS][D / 2];
+  float part[SPLITS][PARTIAL_ROWS][D];        // part[0]: the CTA's partial statistics, which the cluster reads
+  float mean[D], factor[D];                   // the head's smooth-K vector and V's FP8 factors
+};
+
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {  // zeros where !valid
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t cluster_size() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+// a float of CTA `rank`'s shared memory, at the place `local` has in this CTA's
+__device__ __forceinline__ float ld_cluster(const float* local, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_u32(local)), "r"(rank));
+  float x;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(x) : "r"(remote) : "memory");
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t w, float (&x)[2]) {
+  const T* e = reinterpret_cast<const T*>(&w);
+  x[0] = to_f32(e[0]), x[1] = to_f32(e[1]);
+}
+
+// The CTA's partial statistics -> part[0]. Threads of one half take K, of the other V; a thread holds a
+// channel pair over one of SPLITS key ranges, and the ranges are combined in order.
+template <int D, typename T>
+__device__ __forceinline__ void resident_partials(ResidentSmem<D>& sm, int keys) {
+  constexpr int SPLITS = ResidentSmem<D>::SPLITS, SPLIT_KEYS = RESIDENT_KEYS / SPLITS;
+  const int tid = threadIdx.x;
+  const bool is_v = tid >= THREADS / 2;
+  const int pair = tid % (D / 2), split = (tid % (THREADS / 2)) / (D / 2);
+  const int first = is_v ? 3 : 0;
+  const uint32_t(*rows)[D / 2] = is_v ? sm.v : sm.k;
+  const int begin = split * SPLIT_KEYS, end = min(keys, begin + SPLIT_KEYS);
+  // Fast path: sums, maxima and minima of all elements, which are those of the finite ones when the sum
+  // is finite (a NaN or an infinity makes it NaN or infinite; fmaxf and fminf skip NaN). Otherwise the
+  // thread starts over on the checked path: the same additions in the same order where all are finite.
+  Partial<2> st;
+  st.init();
+  if (end - begin == SPLIT_KEYS) {
+#pragma unroll 16
+    for (int key = begin; key < end; ++key) {
+      float x[2];
+      unpack2<T>(rows[key][pair], x);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) st.sum[e] += x[e], st.max[e] = fmaxf(st.max[e], x[e]), st.min[e] = fminf(st.min[e], x[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) st.count[e] = is_v ? 0.f : float(SPLIT_KEYS);
+  }
+  if (end - begin != SPLIT_KEYS || !is_finite(st.sum[0]) || !is_finite(st.sum[1])) {
+    st.init();
+#pragma unroll 4
+    for (int key = begin; key < end; ++key) {
+      float x[2];
+      unpack2<T>(rows[key][pair], x);
+      st.add(x, !is_v);
+    }
+  }
+  auto put = [&](float(&out)[PARTIAL_ROWS][D]) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      out[first][2 * pair + e] = st.sum[e];
+      out[first + 1][2 * pair + e] = st.max[e];
+      out[first + 2][2 * pair + e] = st.min[e];
+      if (!is_v) out[K_COUNT_ROW][2 * pair + e] = st.count[e];
+    }
+  };
+  if (split > 0) put(sm.part[split]);
+  __syncthreads();
+  if (split == 0) {
+    for (int s = 1; s < SPLITS; ++s) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int ch = 2 * pair + e;
+        st.sum[e] = combine(0, st.sum[e], sm.part[s][first][ch]);
+        st.max[e] = combine(1, st.max[e], sm.part[s][first + 1][ch]);
+        st.min[e] = combine(2, st.min[e], sm.part[s][first + 2][ch]);
+        if (!is_v) st.count[e] += sm.part[s][K_COUNT_ROW][ch];
+      }
+    }
+    put(sm.part[0]);
+  }
+}
+
+// V^T of one 32-key chunk for this lane's channel pair: E4M3 in the attention kernel's key order
+// (position 16h + 4t + 2a + b holds key 16h + 8a + 2t + b), 32 bytes per channel.
+template <int D, typename T>
+__device__ __forceinline__ void resident_v_chunk(const ResidentSmem<D>& sm, int chunk, int pair, uint8_t* dst,
+                                                 int64_t n_pad) {
+  const float f0 = sm.factor[2 * pair], f1 = sm.factor[2 * pair + 1];
+  uint32_t w0[8] = {0, 0, 0, 0, 0, 0, 0, 0}, w1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+  for (int m = 0; m < 16; ++m) {  // positions 2m and 2m + 1: keys key and key + 1
+    const int pos = 2 * m;
+    const int key = 32 * chunk + 16 * (pos / 16) + 8 * ((pos / 2) % 2) + 2 * ((pos / 4) % 4);
+    float a[2], b[2];
+    unpack2<T>(sm.v[key][pair], a);
+    unpack2<T>(sm.v[key + 1][pair], b);
+    w0[m / 2] |= e4m3x2(v_scaled(a[0], f0), v_scaled(b[0], f0)) << (16 * (m % 2));
+    w1[m / 2] |= e4m3x2(v_scaled(a[1], f1), v_scaled(b[1], f1)) << (16 * (m % 2));
+  }
+  uint4* d0 = reinterpret_cast<uint4*>(dst);
+  uint4* d1 = reinterpret_cast<uint4*>(dst + n_pad);
+  d0[0] = make_uint4(w0[0], w0[1], w0[2], w0[3]);
+  d0[1] = make_uint4(w0[4], w0[5], w0[6], w0[7]);
+  d1[0] = make_uint4(w1[0], w1[1], w1[2], w1[3]);
+  d1[1] = make_uint4(w1[4], w1[5], w1[6], w1[7]);
+}
+
+template <int D, typename T, bool SMOOTH_K>
+__global__ void __launch_bounds__(THREADS, RESIDENT_CTAS_PER_SM) preprocess_kv_resident(const __grid_constant__ Params p) {
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  ResidentSmem<D>& sm = *reinterpret_cast<ResidentSmem<D>*>(smem_raw);
+  constexpr int VECS = D / 8;
+  const int tid = threadIdx.x;
+  const uint32_t rank = cluster_rank(), n_ranks = cluster_size();
+  const int head = blockIdx.x / n_ranks;
+  const int key0 = rank * RESIDENT_KEYS;
+  const int keys = max(0, min(RESIDENT_KEYS, p.n - key0));
+  const int b = head / p.h, hh = head % p.h;
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + hh * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + hh * p.v_sh;
+
+  // K and V rows -> shared memory; rows past n as zeros (V^T's padding keys are zeros)
+#pragma unroll
+  for (int i = tid; i < RESIDENT_KEYS * VECS; i += THREADS) {
+    const int row = i / VECS, c = i % VECS;
+    const int64_t src = row < keys ? key0 + row : 0;
+    cp_async_16(&sm.k[row][4 * c], kb + src * p.k_sn + 8 * c, row < keys);
+    cp_async_16(&sm.v[row][4 * c], vb + src * p.v_sn + 8 * c, row < keys);
+  }
+  cp_async_wait_all();
+  __syncthreads();
+  resident_partials<D, T>(sm, keys);
+  __syncthreads();
+
+  // the head's statistics: every CTA combines the cluster's partials in rank order (the same result in each)
+  cluster_arrive();
+  cluster_wait();
+  if (tid < D) {
+    float acc[PARTIAL_ROWS];
+#pragma unroll
+    for (int q = 0; q < PARTIAL_ROWS; ++q) acc[q] = identity(q);
+    constexpr int AT_ONCE = 4;  // ranks whose reads are in flight together (one round trip, not four)
+    for (uint32_t r0 = 0; r0 < n_ranks; r0 += AT_ONCE) {
+      float x[AT_ONCE][PARTIAL_ROWS];
+#pragma unroll
+      for (int r = 0; r < AT_ONCE; ++r)
+#pragma unroll
+        for (int q = 0; q < PARTIAL_ROWS; ++q)
+          x[r][q] = r0 + r < n_ranks ? ld_cluster(&sm.part[0][q][tid], r0 + r) : identity(q);
+#pragma unroll
+      for (int r = 0; r < AT_ONCE; ++r)
+#pragma unroll
+        for (int q = 0; q < PARTIAL_ROWS; ++q) acc[q] = combine(q, acc[q], x[r][q]);
+    }
+    if (rank == 0) store_statistics<D>(p, head, tid, acc);
+    sm.mean[tid] = SMOOTH_K ? k_centre(acc) : 0.f;
+    sm.factor[tid] = v_factor(acc[4], acc[5]);
+  }
+  cluster_arrive();  // done reading the others' shared memory: they may exit once everyone is
+  __syncthreads();
+
+  {  // K: INT8 rows, thread (r, c) holding channels 8c..8c+7
+    constexpr int ROWS = THREADS / VECS;
+    const int c = tid % VECS, r = tid / VECS;
+    float mean[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) mean[e] = sm.mean[8 * c + e];
+    int8_t* kq = p.kq + (int64_t(head) * p.n + key0) * D + 8 * c;
+    float* ks = p.k_scale + int64_t(head) * p.ks_stride + key0;
+#pragma unroll
+    for (int i = 0; i < RESIDENT_KEYS / ROWS; ++i) {
+      const int row = i * ROWS + r;
+      const uint4 raw = *reinterpret_cast<const uint4*>(&sm.k[row][4 * c]);
+      quantize_k_vector<VECS, T>(raw, mean, row < keys, kq + int64_t(row) * D, c == 0 ? ks + row : nullptr);
+    }
+  }
+  {  // V^T: a warp takes a 32-key chunk of 64 channels, a lane a channel pair
+    constexpr int GROUPS = D / 64, UNITS = RESIDENT_KEYS / 32 * GROUPS;
+    const int warp = tid / 32, lane = tid % 32;
+#pragma unroll
+    for (int u = warp; u < UNITS; u += WARPS) {
+      const int chunk = u / GROUPS, pair = 32 * (u % GROUPS) + lane;
+      const int64_t key = key0 + 32 * chunk;
+      if (key < p.n_pad)
+        resident_v_chunk<D, T>(sm, chunk, pair, p.vq + (int64_t(head) * D + 2 * pair) * p.n_pad + key, p.n_pad);
+    }
+  }
+  cluster_wait();  // the other CTAs have read this one's partials
+}
+
+template <int D, typename T, bool SMOOTH_K>
+static int launch_resident_typed(const Params& p, int cluster, cudaStream_t stream) {
+  auto kernel = preprocess_kv_resident<D, T, SMOOTH_K>;
+  constexpr int smem = sizeof(ResidentSmem<D>);
+  static bool configured = false;
+  if (!configured) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      return -3;
+    configured = true;
+  }
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.heads * cluster);
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p) == cudaSuccess ? 0 : -4;
+}
+
+template <int D, typename T>
+static int launch_resident(const Params& p, bool smooth_k, cudaStream_t stream) {
+  const int cluster = (p.n + RESIDENT_KEYS - 1) / RESIDENT_KEYS;
+  return smooth_k ? launch_resident_typed<D, T, true>(p, cluster, stream)
+                  : launch_resident_typed<D, T, false>(p, cluster, stream);
+}
+
 }  // namespace prep
 }  // namespace quantattn_hopper
 
@@ -431,6 +714,34 @@ int quantattn_hopper_preprocess(const void* k, int64_t k_sb, int64_t k_sh, int64
   if (head_dim == 128)
     return is_bf16 ? prep::launch<128, __nv_bfloat16>(p, smooth_k, s) : prep::launch<128, __half>(p, smooth_k, s);
   return is_bf16 ? prep::launch<64, __nv_bfloat16>(p, smooth_k, s) : prep::launch<64, __half>(p, smooth_k, s);
+}
+
+
+// The most keys per head the resident preprocessing takes.
+int quantattn_hopper_resident_max_keys() { return prep::RESIDENT_KEYS * prep::MAX_CLUSTER; }
+
+// The resident preprocessing (heads of at most quantattn_hopper_resident_max_keys() keys): the same
+// outputs as quantattn_hopper_preprocess, without its scratch. Same error codes.
+int quantattn_hopper_preprocess_resident(const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn, const void* v,
+                                         int64_t v_sb, int64_t v_sh, int64_t v_sn, int h, int n, int heads,
+                                         float* stats, void* kq, float* k_scale, int64_t ks_stride, void* vq,
+                                         int64_t n_pad, int head_dim, int is_bf16, int smooth_k, void* stream) {
+  if ((head_dim != 64 && head_dim != 128) || n <= 0 || n > quantattn_hopper_resident_max_keys() || heads <= 0 ||
+      n_pad % 32 || n_pad < n)
+    return -5;
+  prep::Params p = {};
+  p.k = k, p.k_sb = k_sb, p.k_sh = k_sh, p.k_sn = k_sn;
+  p.v = v, p.v_sb = v_sb, p.v_sh = v_sh, p.v_sn = v_sn;
+  p.h = h, p.n = n, p.heads = heads;
+  p.stats = stats;
+  p.kq = static_cast<int8_t*>(kq), p.k_scale = k_scale, p.ks_stride = ks_stride;
+  p.vq = static_cast<uint8_t*>(vq), p.n_pad = n_pad;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (head_dim == 128)
+    return is_bf16 ? prep::launch_resident<128, __nv_bfloat16>(p, smooth_k, s)
+                   : prep::launch_resident<128, __half>(p, smooth_k, s);
+  return is_bf16 ? prep::launch_resident<64, __nv_bfloat16>(p, smooth_k, s)
+                 : prep::launch_resident<64, __half>(p, smooth_k, s);
 }
 
 }  // extern "C"

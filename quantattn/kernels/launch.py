@@ -236,10 +236,12 @@ def kv_buffers(
     wgmma_order: bool,
     max_chunks: int = MAX_CHUNKS,
     lag_chunks: int = LAG_CHUNKS,
+    scratch: bool = True,
 ) -> KVBuffers:
     """The preprocessing's outputs and scratch for K and V (HND views), with at most max_chunks chunks per
     (sequence, head) and about lag_chunks chunks between a chunk's statistics and its quantization; no
-    scratch when there is no work."""
+    scratch when there is no work or scratch is False (the Hopper backend's resident preprocessing needs
+    none)."""
     b, h, n, d = k.shape
     heads = seqs.count * h
     stats = torch.empty(2, 3, seqs.count, h, d, dtype=torch.float32, device=k.device)
@@ -260,7 +262,7 @@ def kv_buffers(
     else:
         vq, v_mode, vq_strides = v, 0, (v.stride(0), v.stride(1), v.stride(2), 1)
     buf = KVBuffers(stats, kq, k_scale, vq, v_mode, vq_strides)
-    if heads and seqs.max_len:
+    if scratch and heads and seqs.max_len:
         blocks = cdiv(seqs.max_len, QUANT_BLOCK)
         buf.per_chunk = next_power_of_2(cdiv(blocks, max_chunks))  # a power of two: few compiled variants
         buf.n_chunks = cdiv(blocks, buf.per_chunk)

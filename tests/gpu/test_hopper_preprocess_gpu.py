@@ -1,4 +1,5 @@
-"""The Hopper backend's CUDA K/V preprocessing (quantattn/hopper/preprocess.cu) against the reference.
+"""The Hopper backend's CUDA K/V preprocessings (quantattn/hopper/preprocess.cu: the resident one up to 2K
+keys, the ticketed one beyond, both tested at every shape they take) against the reference.
 
 Given the statistics it computed, its INT8 K, K scales and FP8 V^T are exactly what the reference's
 formulas give (quantattn.reference.quant: IEEE divisions, round half to even, E4M3 ties to even), in the
@@ -9,6 +10,7 @@ of the sums (maxima and minima exactly). Cross-checked against the Triton prepro
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -47,6 +49,16 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
+RESIDENT_MAX_KEYS = 2048  # the resident preprocessing takes heads up to this many keys
+
+
+@pytest.fixture(params=["resident", "ticket"])
+def cuda_path(request, monkeypatch):
+    """Runs a test with the resident preprocessing allowed (it takes heads of <= 2K keys) and with it off."""
+    monkeypatch.setenv("QUANTATTN_HOPPER_RESIDENT", "1" if request.param == "resident" else "0")
+    return request.param
+
+
 def hopper_launch():
     from quantattn.hopper import launch
 
@@ -74,7 +86,9 @@ def check(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig = DEFAULT):
 
     launch = hopper_launch()
     seqs = L.sequences(k, None, 0)
-    assert launch.native_preprocess_reason(k, v, seqs) is None
+    resident_allowed = os.environ.get("QUANTATTN_HOPPER_RESIDENT", "1") != "0"
+    want = "resident" if resident_allowed and k.shape[2] <= RESIDENT_MAX_KEYS else "ticket"
+    assert launch.preprocess_path(k, v, seqs) == want
     copies = (k.clone(), v.clone())
     kv = launch.preprocess(k, v, cfg)
     b, h, n, d = k.shape
@@ -109,24 +123,26 @@ def check(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig = DEFAULT):
 
 @pytest.mark.parametrize(
     "b,h,n",
-    [(2, 3, 1), (2, 3, 63), (1, 2, 300), (2, 4, 1000), (1, 2, 20000), (4, 150, 64)],
+    [(2, 3, 1), (2, 3, 63), (1, 2, 300), (2, 4, 1000), (1, 3, 2048), (1, 2, 2049), (1, 2, 20000), (4, 150, 64)],
     ids=lambda x: str(x),
 )
 @pytest.mark.parametrize("d", [64, 128])
-def test_matches_reference(poisoned, b, h, n, d):
-    """One key, part of a block, several blocks, one chunk of 32 blocks per program (20000 keys), and
-    more heads than the lag between statistics and quantization (600 heads, one chunk each)."""
+def test_matches_reference(poisoned, cuda_path, b, h, n, d):
+    """One key, part of a block, several blocks, the resident preprocessing's clusters of 1, 3, 8 and
+    16 CTAs (up to 2048 keys) and the first length past them, one chunk of 32 blocks per program (20000
+    keys), and more heads than the ticket kernel's lag between statistics and quantization (600 heads,
+    one chunk each)."""
     check(make(n + d, b, h, n, d, outliers=True), make(n + d + 1, b, h, n, d))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("smooth_k", [True, False])
-def test_dtypes_and_smooth_k(poisoned, dtype, smooth_k):
+def test_dtypes_and_smooth_k(poisoned, cuda_path, dtype, smooth_k):
     k, v = make(5, 2, 4, 777, 128, dtype=dtype, outliers=True), make(6, 2, 4, 777, 128, dtype=dtype)
     check(k, v, QuantConfig(smooth_k=smooth_k))
 
 
-def test_non_finite_elements(poisoned):
+def test_non_finite_elements(poisoned, cuda_path):
     """NaN and +-Inf in K and V: left out of the statistics; K rows holding one get a NaN scale (their
     finite elements are still quantized), V's non-finite elements become NaN in FP8."""
     g = torch.Generator(device=DEV).manual_seed(7)
@@ -141,7 +157,7 @@ def test_non_finite_elements(poisoned):
     assert kv.k_stats[0][0, 0, 5] == 0 and torch.isnan(kv.k_scale[0, 0]).all()
 
 
-def test_strided_views_use_it_and_misaligned_ones_fall_back():
+def test_strided_views_use_it_and_misaligned_ones_fall_back(cuda_path):
     launch = hopper_launch()
     from quantattn.kernels import launch as L
 
@@ -156,7 +172,7 @@ def test_strided_views_use_it_and_misaligned_ones_fall_back():
     assert flips.max() <= 1 and flips.gt(0).float().mean() < 1e-2
 
 
-def test_captures_in_a_cuda_graph():
+def test_captures_in_a_cuda_graph(cuda_path):
     """The whole Hopper call (memset of the counters, preprocessing, attention) replays from a CUDA graph."""
     import quantattn as qa
 
@@ -175,3 +191,9 @@ def test_captures_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+def test_resident_limit_is_the_documented_one():
+    from quantattn import hopper
+
+    assert hopper.resident_max_keys() == RESIDENT_MAX_KEYS
