@@ -1,7 +1,9 @@
 // K/V preprocessing of the Hopper backend, one launch: smooth K's statistics, INT8 K with one scale per
 // key, FP8 V^T with one scale per channel in the key order the attention kernel reads (layout.py).
+// Two kernels compute it: preprocess_kv_resident (below) for heads of up to 2048 keys, and for longer
+// ones the ticketed preprocess_kv described here.
 //
-// It computes what quantattn/kernels/quant.py's preprocess_kv_kernel computes (same buffers, same
+// The ticketed kernel computes what quantattn/kernels/quant.py's preprocess_kv_kernel computes (same buffers, same
 // ticket scheme: see that kernel's docstring), but it is written for bandwidth: 16-byte loads and
 // stores, K and V statistics in registers of separate warps, V transposed through shared memory in 4-key
 // words. The Triton kernel needs 229 registers per thread at head_dim 128 and runs at about a third of
