@@ -50,7 +50,9 @@ ERRORS = {
     -3: "the kernel's shared-memory size was refused",
     -4: "the kernel launch failed",
     -5: "unsupported arguments",
+    -6: "the GPU cannot run the preprocessing's cluster of CTAs",
 }
+CLUSTER_REFUSED = -6  # the resident preprocessing's answer when the ticketed one must take the call
 
 
 class _State:

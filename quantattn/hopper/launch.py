@@ -67,7 +67,8 @@ def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences
 def preprocess_path(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences) -> str:
     """Which preprocessing `preprocess` runs: "resident" (CUDA, one cluster of CTAs per head holding its K
     and V in shared memory: up to hopper.resident_max_keys() keys), "ticket" (CUDA, two phases) or
-    "triton". QUANTATTN_HOPPER_RESIDENT=0 turns the resident one off."""
+    "triton". QUANTATTN_HOPPER_RESIDENT=0 turns the resident one off; a GPU that cannot run its cluster
+    of CTAs gets the ticketed one instead."""
     if native_preprocess_reason(k, v, seqs) is not None:
         return "triton"
     if os.environ.get("QUANTATTN_HOPPER_RESIDENT", "1") != "0" and k.shape[2] <= hopper.resident_max_keys():
@@ -84,7 +85,9 @@ def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Seque
     if path == "triton":
         return L.preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
     if path == "resident":
-        return _preprocess_resident(k, v, cfg, seqs)
+        kv = _preprocess_resident(k, v, cfg, seqs)
+        if kv is not None:
+            return kv
     buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, max_chunks=MAX_CHUNKS, lag_chunks=LAG_CHUNKS)
     if buf.sync is not None:
         b, h, n, d = k.shape
@@ -102,7 +105,8 @@ def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Seque
     return buf.result(cfg, seqs)
 
 
-def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences) -> L.QuantizedKV:
+def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences) -> L.QuantizedKV | None:
+    """None when the GPU cannot run the cluster this length needs (nothing was launched)."""
     buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, scratch=False)
     b, h, n, d = k.shape
     if b * h and n:
@@ -114,6 +118,8 @@ def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seq
             buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1), buf.vq.data_ptr(), buf.vq.shape[-1],
             d, k.dtype == torch.bfloat16, cfg.smooth_k, stream,
         )  # fmt: skip
+        if err == hopper.CLUSTER_REFUSED:
+            return None
         if err:
             raise RuntimeError(f"quantattn Hopper preprocessing: {hopper.ERRORS.get(err, err)}")
     return buf.result(cfg, seqs)

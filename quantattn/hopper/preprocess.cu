@@ -680,6 +680,15 @@ static int launch_resident_typed(const Params& p, int cluster, cudaStream_t stre
   cfg.stream = stream;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
+  // Whether the GPU can run a cluster of this size at all (16 is beyond the portable 8), asked once:
+  // -6 tells the caller to take the ticketed kernel instead.
+  static int fits[MAX_CLUSTER + 1] = {};  // 0 not asked, 1 yes, -1 no
+  if (fits[cluster] == 0) {
+    int clusters = 0;
+    fits[cluster] = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0 ? 1 : -1;
+    cudaGetLastError();  // a refused query must not be reported by the next launch
+  }
+  if (fits[cluster] < 0) return -6;
   return cudaLaunchKernelEx(&cfg, kernel, p) == cudaSuccess ? 0 : -4;
 }
 
@@ -723,7 +732,8 @@ int quantattn_hopper_preprocess(const void* k, int64_t k_sb, int64_t k_sh, int64
 int quantattn_hopper_resident_max_keys() { return prep::RESIDENT_KEYS * prep::MAX_CLUSTER; }
 
 // The resident preprocessing (heads of at most quantattn_hopper_resident_max_keys() keys): the same
-// outputs as quantattn_hopper_preprocess, without its scratch. Same error codes.
+// outputs as quantattn_hopper_preprocess, without its scratch. Same error codes, and -6: the GPU cannot
+// run its cluster of CTAs (nothing was launched; the ticketed kernel can).
 int quantattn_hopper_preprocess_resident(const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn, const void* v,
                                          int64_t v_sb, int64_t v_sh, int64_t v_sn, int h, int n, int heads,
                                          float* stats, void* kq, float* k_scale, int64_t ks_stride, void* vq,

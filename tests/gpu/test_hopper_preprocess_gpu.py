@@ -197,3 +197,26 @@ def test_resident_limit_is_the_documented_one():
     from quantattn import hopper
 
     assert hopper.resident_max_keys() == RESIDENT_MAX_KEYS
+
+
+def test_a_refused_cluster_falls_back_to_the_ticketed_kernel(monkeypatch):
+    """A GPU that cannot run the resident kernel's cluster (the library answers -6 and launches nothing)
+    gets the ticketed kernel's values, not an error."""
+    from quantattn import hopper
+
+    launch = hopper_launch()
+    k, v = make(14, 2, 4, 1500, 128, outliers=True), make(15, 2, 4, 1500, 128)
+    monkeypatch.setenv("QUANTATTN_HOPPER_RESIDENT", "0")
+    want = launch.preprocess(k, v, DEFAULT)
+    monkeypatch.setenv("QUANTATTN_HOPPER_RESIDENT", "1")
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        return hopper.CLUSTER_REFUSED
+
+    monkeypatch.setattr(hopper, "resident_preprocess_kernel", lambda: refuse)
+    got = launch.preprocess(k, v, DEFAULT)
+    assert calls, "the resident kernel was not asked"
+    assert torch.equal(got.k, want.k) and torch.equal(got.v.view(torch.uint8), want.v.view(torch.uint8))
+    assert same_values(got.k_scale, want.k_scale)
