@@ -90,38 +90,44 @@ def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Seque
             return kv
     buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, max_chunks=MAX_CHUNKS, lag_chunks=LAG_CHUNKS)
     if buf.sync is not None:
-        b, h, n, d = k.shape
-        stream = torch.cuda.current_stream(k.device).cuda_stream
+        b, h, n, _ = k.shape
         err = hopper.preprocess_kernel()(
-            k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-            v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
-            h, n, b * h, buf.n_chunks, buf.per_chunk, buf.lag,
-            buf.partials.data_ptr(), buf.stats.data_ptr(), buf.sync.data_ptr(),
-            buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1), buf.vq.data_ptr(), buf.vq.shape[-1],
-            d, k.dtype == torch.bfloat16, cfg.smooth_k, stream,
+            *_input_args(k, v), h, n, b * h, buf.n_chunks, buf.per_chunk, buf.lag,
+            buf.partials.data_ptr(), buf.stats.data_ptr(), buf.sync.data_ptr(), *_output_args(k, buf, cfg),
         )  # fmt: skip
-        if err:
-            raise RuntimeError(f"quantattn Hopper preprocessing: {hopper.ERRORS.get(err, err)}")
+        _check_preprocess(err)
     return buf.result(cfg, seqs)
+
+
+def _input_args(k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """K's and V's pointers and (batch, head, token) strides, as both CUDA preprocessings take them."""
+    return (k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3])
+
+
+def _output_args(k: torch.Tensor, buf: L.KVBuffers, cfg: QuantConfig) -> tuple:
+    """Both CUDA preprocessings' last arguments: INT8 K, its scales, FP8 V^T, head_dim, dtype, smooth K, stream."""
+    return (
+        buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1), buf.vq.data_ptr(), buf.vq.shape[-1],
+        k.shape[-1], k.dtype == torch.bfloat16, cfg.smooth_k, torch.cuda.current_stream(k.device).cuda_stream,
+    )  # fmt: skip
+
+
+def _check_preprocess(err: int) -> None:
+    if err:
+        raise RuntimeError(f"quantattn Hopper preprocessing: {hopper.ERRORS.get(err, err)}")
 
 
 def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences) -> L.QuantizedKV | None:
     """None when the GPU cannot run the cluster this length needs (nothing was launched)."""
     buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, scratch=False)
-    b, h, n, d = k.shape
+    b, h, n, _ = k.shape
     if b * h and n:
-        stream = torch.cuda.current_stream(k.device).cuda_stream
         err = hopper.resident_preprocess_kernel()(
-            k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-            v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
-            h, n, b * h, buf.stats.data_ptr(),
-            buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1), buf.vq.data_ptr(), buf.vq.shape[-1],
-            d, k.dtype == torch.bfloat16, cfg.smooth_k, stream,
-        )  # fmt: skip
+            *_input_args(k, v), h, n, b * h, buf.stats.data_ptr(), *_output_args(k, buf, cfg)
+        )
         if err == hopper.CLUSTER_REFUSED:
             return None
-        if err:
-            raise RuntimeError(f"quantattn Hopper preprocessing: {hopper.ERRORS.get(err, err)}")
+        _check_preprocess(err)
     return buf.result(cfg, seqs)
 
 

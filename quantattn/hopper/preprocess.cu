@@ -17,6 +17,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace quantattn_hopper {
@@ -699,6 +701,29 @@ static int launch_resident(const Params& p, bool smooth_k, cudaStream_t stream) 
                   : launch_resident_typed<D, T, false>(p, cluster, stream);
 }
 
+// What both preprocessings read and write (the ticketed one adds its chunking and scratch).
+static Params kv_params(const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn, const void* v, int64_t v_sb,
+                        int64_t v_sh, int64_t v_sn, int h, int n, int heads, float* stats, void* kq, float* k_scale,
+                        int64_t ks_stride, void* vq, int64_t n_pad) {
+  Params p = {};
+  p.k = k, p.k_sb = k_sb, p.k_sh = k_sh, p.k_sn = k_sn;
+  p.v = v, p.v_sb = v_sb, p.v_sh = v_sh, p.v_sn = v_sn;
+  p.h = h, p.n = n, p.heads = heads;
+  p.stats = stats;
+  p.kq = static_cast<int8_t*>(kq), p.k_scale = k_scale, p.ks_stride = ks_stride;
+  p.vq = static_cast<uint8_t*>(vq), p.n_pad = n_pad;
+  return p;
+}
+
+// f(head_dim tag, element tag) for the head dim (64 or 128) and element type the caller names.
+template <typename F>
+static int by_type(int head_dim, int is_bf16, F&& f) {
+  using D128 = std::integral_constant<int, 128>;
+  using D64 = std::integral_constant<int, 64>;
+  if (head_dim == 128) return is_bf16 ? f(D128{}, __nv_bfloat16{}) : f(D128{}, __half{});
+  return is_bf16 ? f(D64{}, __nv_bfloat16{}) : f(D64{}, __half{});
+}
+
 }  // namespace prep
 }  // namespace quantattn_hopper
 
@@ -714,19 +739,15 @@ int quantattn_hopper_preprocess(const void* k, int64_t k_sb, int64_t k_sh, int64
                                 int smooth_k, void* stream) {
   if ((head_dim != 64 && head_dim != 128) || n <= 0 || heads <= 0 || n_chunks <= 0 || lag <= 0 || n_pad % 32)
     return -5;
-  prep::Params p;
-  p.k = k, p.k_sb = k_sb, p.k_sh = k_sh, p.k_sn = k_sn;
-  p.v = v, p.v_sb = v_sb, p.v_sh = v_sh, p.v_sn = v_sn;
-  p.h = h, p.n = n, p.heads = heads, p.n_chunks = n_chunks, p.blocks_per_chunk = blocks_per_chunk, p.lag = lag;
-  p.part = part, p.stats = stats, p.sync = sync;
-  p.kq = static_cast<int8_t*>(kq), p.k_scale = k_scale, p.ks_stride = ks_stride;
-  p.vq = static_cast<uint8_t*>(vq), p.n_pad = n_pad;
+  prep::Params p = prep::kv_params(k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, h, n, heads, stats, kq, k_scale, ks_stride,
+                                   vq, n_pad);
+  p.n_chunks = n_chunks, p.blocks_per_chunk = blocks_per_chunk, p.lag = lag;
+  p.part = part, p.sync = sync;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (head_dim == 128)
-    return is_bf16 ? prep::launch<128, __nv_bfloat16>(p, smooth_k, s) : prep::launch<128, __half>(p, smooth_k, s);
-  return is_bf16 ? prep::launch<64, __nv_bfloat16>(p, smooth_k, s) : prep::launch<64, __half>(p, smooth_k, s);
+  return prep::by_type(head_dim, is_bf16, [&](auto d, auto t) {
+    return prep::launch<decltype(d)::value, decltype(t)>(p, smooth_k, s);
+  });
 }
-
 
 // The most keys per head the resident preprocessing takes.
 int quantattn_hopper_resident_max_keys() { return prep::RESIDENT_KEYS * prep::MAX_CLUSTER; }
@@ -741,19 +762,12 @@ int quantattn_hopper_preprocess_resident(const void* k, int64_t k_sb, int64_t k_
   if ((head_dim != 64 && head_dim != 128) || n <= 0 || n > quantattn_hopper_resident_max_keys() || heads <= 0 ||
       n_pad % 32 || n_pad < n)
     return -5;
-  prep::Params p = {};
-  p.k = k, p.k_sb = k_sb, p.k_sh = k_sh, p.k_sn = k_sn;
-  p.v = v, p.v_sb = v_sb, p.v_sh = v_sh, p.v_sn = v_sn;
-  p.h = h, p.n = n, p.heads = heads;
-  p.stats = stats;
-  p.kq = static_cast<int8_t*>(kq), p.k_scale = k_scale, p.ks_stride = ks_stride;
-  p.vq = static_cast<uint8_t*>(vq), p.n_pad = n_pad;
+  const prep::Params p = prep::kv_params(k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, h, n, heads, stats, kq, k_scale,
+                                         ks_stride, vq, n_pad);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (head_dim == 128)
-    return is_bf16 ? prep::launch_resident<128, __nv_bfloat16>(p, smooth_k, s)
-                   : prep::launch_resident<128, __half>(p, smooth_k, s);
-  return is_bf16 ? prep::launch_resident<64, __nv_bfloat16>(p, smooth_k, s)
-                 : prep::launch_resident<64, __half>(p, smooth_k, s);
+  return prep::by_type(head_dim, is_bf16, [&](auto d, auto t) {
+    return prep::launch_resident<decltype(d)::value, decltype(t)>(p, smooth_k, s);
+  });
 }
 
 }  // extern "C"
