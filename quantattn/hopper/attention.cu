@@ -14,15 +14,6 @@
 //
 // Built by quantattn/hopper/build.py into a shared library loaded with ctypes (no PyTorch headers).
 
-#include <cuda.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <stddef.h>
-#include <stdint.h>
-
-#include <type_traits>
-
 #include "common.cuh"
 #include "wgmma.cuh"
 
@@ -40,14 +31,14 @@ constexpr int ctas_per_sm() {
   return D == 128 ? 3 : 4;
 }
 template <int S>
-using Stage = std::integral_constant<int, S>;
+using Stage = Int<S>;
 static_assert(STAGES == 2, "the unrolled loop below walks two stages");
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // P is scaled inside the exponent: exp2(x + log2 448)
 
 struct Params {
-  CUtensorMap tm_k;   // int8 K [B*Hkv][Nk][D]
-  CUtensorMap tm_v;   // fp8 V^T [B*Hkv][D][n_pad], keys permuted per 32-key chunk
-  CUtensorMap tm_ks;  // fp32 k_scale [B*Hkv][ks_stride]
+  TensorMap tm_k;   // int8 K [B*Hkv][Nk][D]
+  TensorMap tm_v;   // fp8 V^T [B*Hkv][D][n_pad], keys permuted per 32-key chunk
+  TensorMap tm_ks;  // fp32 k_scale [B*Hkv][ks_stride]
   const void* q;
   int64_t q_sb, q_sh, q_sm;  // element strides; channel stride 1
   void* o;
@@ -87,7 +78,7 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
-__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+__device__ __forceinline__ void tma_load_3d(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1,
                                             int c2) {
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];" ::
@@ -96,7 +87,7 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
           smem_u32(dst)),
@@ -176,41 +167,20 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xFFFFFFFF, x, 2);
 }
 
-template <typename T>
-struct OutPair;
-template <>
-struct OutPair<__nv_bfloat16> {
-  using type = __nv_bfloat162;
-  static constexpr float MAX = 3.3895313892515355e38f;
-  static __device__ __forceinline__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
-};
-template <>
-struct OutPair<__half> {
-  using type = __half2;
-  static constexpr float MAX = 65504.0f;
-  static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
-};
-
 // Finite values clamped to the output dtype's range (P rounded up can put a row past V's range).
 template <typename T>
 __device__ __forceinline__ float saturate(float x) {
-  const float big = OutPair<T>::MAX;
+  const float big = max_finite<T>();
   return is_finite(x) ? fminf(fmaxf(x, -big), big) : x;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Shared memory
 
+// The small members after the tiles, apart so that their size is known at compile time: NVRTC has no
+// constant offsetof.
 template <int D>
-struct Smem {
-  static constexpr int K_TILE = BLOCK_N * D;  // int8 [keys][D]
-  static constexpr int V_TILE = D * BLOCK_N;  // fp8 [D][keys]
-  alignas(1024) uint8_t k[STAGES][K_TILE];
-  alignas(1024) uint8_t v[STAGES][V_TILE];
-  // INT8 Q, the A operand of the QK product, in the layout TMA gives K (K-major, swizzled rows). Register
-  // A operands for Q were tried first (session 4): ptxas 13.0 gave the registers of Q, live across the
-  // loop, to P.
-  alignas(1024) uint8_t q[BLOCK_M * D];
+struct SmemTail {
   alignas(16) float ks[STAGES][BLOCK_N];
   // the output's per-channel factor, amax_V / 448: loaded while the first keys arrive, so that the
   // epilogue does not wait on global loads column after column
@@ -219,12 +189,30 @@ struct Smem {
   uint64_t empty[STAGES];  // every warp is done with a stage (one arrival per warp)
 };
 
+template <int D>
+struct Smem {
+  static constexpr int K_TILE = BLOCK_N * D;  // int8 [keys][D]
+  static constexpr int V_TILE = D * BLOCK_N;  // fp8 [D][keys]
+  static constexpr int TILES = STAGES * (K_TILE + V_TILE) + BLOCK_M * D;
+  alignas(1024) uint8_t k[STAGES][K_TILE];
+  alignas(1024) uint8_t v[STAGES][V_TILE];
+  // INT8 Q, the A operand of the QK product, in the layout TMA gives K (K-major, swizzled rows). Register
+  // A operands for Q were tried first (session 4): ptxas 13.0 gave the registers of Q, live across the
+  // loop, to P.
+  alignas(1024) uint8_t q[BLOCK_M * D];
+  SmemTail<D> tail;  // at offset TILES: the tiles are multiples of 1024 bytes
+};
+
 // Bytes of Smem<D> up to its last member (sizeof rounds up to the 1024-byte alignment), plus the slack
-// that aligns the dynamic buffer: 3 CTAs of head_dim 128 must fit in the SM's 228 KiB.
+// that aligns the dynamic buffer: 3 CTAs of head_dim 128 must fit in the SM's 228 KiB. The launcher
+// (quantattn/hopper/kernels.py) computes the same number.
 template <int D>
 constexpr int smem_bytes() {
-  return int(offsetof(Smem<D>, empty) + sizeof(uint64_t) * STAGES) + 1024;
+  return Smem<D>::TILES + int(sizeof(SmemTail<D>)) + 1024;
 }
+static_assert(Smem<128>::TILES % 1024 == 0 && Smem<64>::TILES % 1024 == 0, "the tail follows the tiles");
+static_assert(smem_bytes<128>() == 580 * 128 + 2080 && smem_bytes<64>() == 580 * 64 + 2080,
+              "quantattn/hopper/kernels.py: attention_smem_bytes launches with this formula");
 
 // ---------------------------------------------------------------------------------------------
 // Q: the CTA's 64 rows, loaded from global memory into registers in the A-fragment layout of the QK
@@ -324,15 +312,15 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
 
   constexpr uint32_t STAGE_BYTES = Smem<D>::K_TILE + Smem<D>::V_TILE + BLOCK_N * 4;
   auto load_stage = [&](int s, int j) {  // thread 0 only
-    mbar_expect_tx(&sm.full[s], STAGE_BYTES);
-    tma_load_3d(sm.k[s], &p.tm_k, &sm.full[s], 0, j * BLOCK_N, bh_kv);
-    tma_load_3d(sm.v[s], &p.tm_v, &sm.full[s], j * BLOCK_N, 0, bh_kv);
-    tma_load_2d(sm.ks[s], &p.tm_ks, &sm.full[s], j * BLOCK_N, bh_kv);
+    mbar_expect_tx(&sm.tail.full[s], STAGE_BYTES);
+    tma_load_3d(sm.k[s], &p.tm_k, &sm.tail.full[s], 0, j * BLOCK_N, bh_kv);
+    tma_load_3d(sm.v[s], &p.tm_v, &sm.tail.full[s], j * BLOCK_N, 0, bh_kv);
+    tma_load_2d(sm.tail.ks[s], &p.tm_ks, &sm.tail.full[s], j * BLOCK_N, bh_kv);
   };
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&sm.full[s], 1);
-      mbar_init(&sm.empty[s], THREADS / 32);
+      mbar_init(&sm.tail.full[s], 1);
+      mbar_init(&sm.tail.empty[s], THREADS / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     for (int s = 0; s < STAGES && s < n_blocks; ++s) load_stage(s, s);
@@ -343,7 +331,7 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
   const float* k_mean = p.k_mean != nullptr ? p.k_mean + int64_t(bh_kv) * D : nullptr;
   if (tid < D) {
     const int64_t at = int64_t(bh_kv) * D + tid;
-    sm.v_factor[tid] = fmaxf(fmaxf(p.v_max[at], -p.v_min[at]), AMAX_FLOOR) * (1.f / V_RANGE);
+    sm.tail.v_factor[tid] = fmaxf(fmaxf(p.v_max[at], -p.v_min[at]), AMAX_FLOOR) * (1.f / V_RANGE);
   }
   QRows<D, T> q;
   q.load(p, q_head, r0, t, p.lse != nullptr ? k_mean : nullptr);
@@ -369,7 +357,7 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
   // block (+3% measured, session 7).
   auto step = [&](int j, auto stage) {
     constexpr int s = decltype(stage)::value;
-    mbar_wait(&sm.full[s], (j / STAGES) & 1);
+    mbar_wait(&sm.tail.full[s], (j / STAGES) & 1);
 
     // S = Q K^T (INT8 -> INT32), 64 x 128
     int32_t acc_s[64];
@@ -384,7 +372,7 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     float sc[64];
 #pragma unroll
     for (int cc = 0; cc < 16; ++cc) {
-      const float2 ks = *reinterpret_cast<const float2*>(&sm.ks[s][8 * cc + 2 * t]);
+      const float2 ks = *reinterpret_cast<const float2*>(&sm.tail.ks[s][8 * cc + 2 * t]);
       sc[4 * cc + 0] = __int2float_rn(acc_s[4 * cc + 0]) * ks.x;
       sc[4 * cc + 1] = __int2float_rn(acc_s[4 * cc + 1]) * ks.y;
       sc[4 * cc + 2] = __int2float_rn(acc_s[4 * cc + 2]) * ks.x;
@@ -454,11 +442,11 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     for (int hh = 0; hh < 2; ++hh) l_part[hh] = l_part[hh] * alpha[hh] + rowsum[hh];
     wgmma_wait<0>();
     fence_regs(fresh);
-    if (lane == 0) mbar_arrive(&sm.empty[s]);
+    if (lane == 0) mbar_arrive(&sm.tail.empty[s]);
 #pragma unroll
     for (int i = 0; i < ACC; ++i) o[i] = fmaf(o[i], alpha[(i / 2) % 2], fresh[i]);
     if (tid == 0 && j + STAGES < n_blocks) {
-      mbar_wait(&sm.empty[s], (j / STAGES) & 1);
+      mbar_wait(&sm.tail.empty[s], (j / STAGES) & 1);
       load_stage(s, j + STAGES);
     }
   };
@@ -485,7 +473,7 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
   for (int cc = 0; cc < D / 8; ++cc) {
     const int col = 8 * cc + 2 * t;
     // l holds 448 * the row sum (P_SCALE in the exponent), which v_factor's 1 / 448 undoes
-    const float2 f = *reinterpret_cast<const float2*>(&sm.v_factor[col]);
+    const float2 f = *reinterpret_cast<const float2*>(&sm.tail.v_factor[col]);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int row = r0 + 8 * hh;
@@ -494,7 +482,7 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
         float v1 = o[4 * cc + 2 * hh + 1] * inv_l[hh] * f.y;
         v0 = has_keys[hh] ? saturate<T>(v0) : 0.f;
         v1 = has_keys[hh] ? saturate<T>(v1) : 0.f;
-        *reinterpret_cast<typename OutPair<T>::type*>(o_head + row * p.o_sm + col) = OutPair<T>::make(v0, v1);
+        *reinterpret_cast<uint32_t*>(o_head + row * p.o_sm + col) = pack2<T>(v0, v1);
       }
     }
   }
@@ -511,109 +499,4 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Host side
-
-typedef CUresult (*EncodeTiled)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-static EncodeTiled encode_fn() {
-  static EncodeTiled fn = nullptr;
-  if (fn == nullptr) {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) ==
-            cudaSuccess &&
-        status == cudaDriverEntryPointSuccess)
-      fn = reinterpret_cast<EncodeTiled>(ptr);
-  }
-  return fn;
-}
-
-static int encode(CUtensorMap* map, CUtensorMapDataType dtype, int rank, const void* base, const uint64_t* dims,
-                  const uint64_t* strides_bytes, const uint32_t* box, CUtensorMapSwizzle swizzle) {
-  EncodeTiled fn = encode_fn();
-  if (fn == nullptr) return -1;
-  const cuuint32_t ones[3] = {1, 1, 1};
-  CUresult r = fn(map, dtype, rank, const_cast<void*>(base), dims, strides_bytes, box, ones,
-                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? 0 : -2;
-}
-
-template <int D, bool CAUSAL, typename T>
-static int launch_typed(const Params& p, int batch, cudaStream_t stream) {
-  auto kernel = sage_attention_hopper<D, CAUSAL, T>;
-  const int smem = smem_bytes<D>();
-  static bool configured = false;
-  if (!configured) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return -3;
-    configured = true;
-  }
-  dim3 grid((p.nq + BLOCK_M - 1) / BLOCK_M, batch * p.hq);
-  kernel<<<grid, THREADS, smem, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? 0 : -4;
-}
-
 }  // namespace quantattn_hopper
-
-using namespace quantattn_hopper;
-
-extern "C" {
-
-// Error codes: 0 ok, -1 no cuTensorMapEncodeTiled in the driver, -2 a tensor map was refused,
-// -3 the shared-memory size was refused, -4 the launch failed, -5 unsupported arguments.
-int quantattn_hopper_attention(const void* q, int64_t q_sb, int64_t q_sh, int64_t q_sm, const void* k_int8,
-                               const float* k_scale, int64_t ks_stride, const void* v_fp8, int64_t n_pad,
-                               const float* k_mean, const float* v_max, const float* v_min, void* o, int64_t o_sb,
-                               int64_t o_sh, int64_t o_sm, float* lse, int64_t l_sb, int64_t l_sh, int batch, int hq,
-                               int hkv, int nq, int nk, int head_dim, int is_bf16, int causal, float qk_scale,
-                               float sm_scale, void* stream) {
-  if ((head_dim != 64 && head_dim != 128) || nq <= 0 || nk <= 0 || hkv <= 0 || hq % hkv != 0) return -5;
-  Params p;
-  const uint64_t bhkv = uint64_t(batch) * hkv;
-  const int d = head_dim;
-  {
-    const uint64_t dims[3] = {uint64_t(d), uint64_t(nk), bhkv};
-    const uint64_t strides[2] = {uint64_t(d), uint64_t(nk) * d};
-    const uint32_t box[3] = {uint32_t(d), BLOCK_N, 1};
-    const CUtensorMapSwizzle sw = d == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
-    if (int e = encode(&p.tm_k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, k_int8, dims, strides, box, sw)) return e;
-  }
-  {
-    const uint64_t dims[3] = {uint64_t(n_pad), uint64_t(d), bhkv};
-    const uint64_t strides[2] = {uint64_t(n_pad), uint64_t(n_pad) * d};
-    const uint32_t box[3] = {BLOCK_N, uint32_t(d), 1};
-    if (int e = encode(&p.tm_v, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, v_fp8, dims, strides, box,
-                       CU_TENSOR_MAP_SWIZZLE_128B))
-      return e;
-  }
-  {
-    const uint64_t dims[2] = {uint64_t(nk), bhkv};
-    const uint64_t strides[1] = {uint64_t(ks_stride) * 4};
-    const uint32_t box[2] = {BLOCK_N, 1};
-    if (int e = encode(&p.tm_ks, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, k_scale, dims, strides, box,
-                       CU_TENSOR_MAP_SWIZZLE_NONE))
-      return e;
-  }
-  p.q = q;
-  p.q_sb = q_sb, p.q_sh = q_sh, p.q_sm = q_sm;
-  p.o = o;
-  p.o_sb = o_sb, p.o_sh = o_sh, p.o_sm = o_sm;
-  p.lse = lse, p.l_sb = l_sb, p.l_sh = l_sh;
-  p.k_mean = k_mean, p.v_max = v_max, p.v_min = v_min;
-  p.hq = hq, p.hkv = hkv, p.nq = nq, p.nk = nk;
-  p.qk_scale = qk_scale, p.sm_scale = sm_scale;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (d == 128) {
-    if (is_bf16)
-      return causal ? launch_typed<128, true, __nv_bfloat16>(p, batch, s) : launch_typed<128, false, __nv_bfloat16>(p, batch, s);
-    return causal ? launch_typed<128, true, __half>(p, batch, s) : launch_typed<128, false, __half>(p, batch, s);
-  }
-  if (is_bf16)
-    return causal ? launch_typed<64, true, __nv_bfloat16>(p, batch, s) : launch_typed<64, false, __nv_bfloat16>(p, batch, s);
-  return causal ? launch_typed<64, true, __half>(p, batch, s) : launch_typed<64, false, __half>(p, batch, s);
-}
-
-}  // extern "C"

@@ -1,9 +1,7 @@
 // Device helpers and constants shared by the attention kernel (attention.cu) and the K/V preprocessing
 // (preprocess.cu): what both compute must round the same way.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "device_types.cuh"
 
 namespace quantattn_hopper {
 
@@ -20,17 +18,6 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 
 __device__ __forceinline__ uint32_t pack_s8x4(int a, int b, int c, int d) {
   return (uint32_t(a) & 0xFF) | ((uint32_t(b) & 0xFF) << 8) | ((uint32_t(c) & 0xFF) << 16) | (uint32_t(d) << 24);
-}
-
-template <typename T>
-__device__ __forceinline__ float to_f32(T x);
-template <>
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-__device__ __forceinline__ float to_f32(__half x) {
-  return __half2float(x);
 }
 
 // Eight 16-bit elements (one 16-byte load) as floats.

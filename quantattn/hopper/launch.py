@@ -4,12 +4,13 @@ synchronization, no tensor ops besides the buffers."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
 
-from quantattn import hopper
 from quantattn.config import QuantConfig
+from quantattn.hopper import driver, kernels
 from quantattn.kernels import launch as L
 from quantattn.reference.attention import LOG2E
 
@@ -52,8 +53,6 @@ def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences
     """Why the CUDA preprocessing cannot take K and V (it reads rows with 16-byte loads; dense calls only)."""
     if os.environ.get("QUANTATTN_HOPPER_PREPROCESS", "1") == "0":
         return "QUANTATTN_HOPPER_PREPROCESS=0"
-    if hopper.preprocess_kernel() is None:
-        return "the Hopper library has no preprocessing (built from older sources)"
     if seqs.is_varlen or seqs.has_lengths:
         return "varlen and key lengths are preprocessed by Triton"
     if k.dtype not in DTYPES or v.dtype != k.dtype or k.shape[-1] not in HEAD_DIMS:
@@ -66,12 +65,12 @@ def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences
 
 def preprocess_path(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences) -> str:
     """Which preprocessing `preprocess` runs: "resident" (CUDA, one cluster of CTAs per head holding its K
-    and V in shared memory: up to hopper.resident_max_keys() keys), "ticket" (CUDA, two phases) or
+    and V in shared memory: up to kernels.RESIDENT_MAX_KEYS keys), "ticket" (CUDA, two phases) or
     "triton". QUANTATTN_HOPPER_RESIDENT=0 turns the resident one off; a GPU that cannot run its cluster
     of CTAs gets the ticketed one instead."""
     if native_preprocess_reason(k, v, seqs) is not None:
         return "triton"
-    if os.environ.get("QUANTATTN_HOPPER_RESIDENT", "1") != "0" and k.shape[2] <= hopper.resident_max_keys():
+    if os.environ.get("QUANTATTN_HOPPER_RESIDENT", "1") != "0" and k.shape[2] <= kernels.RESIDENT_MAX_KEYS:
         return "resident"
     return "ticket"
 
@@ -90,44 +89,60 @@ def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Seque
             return kv
     buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, max_chunks=MAX_CHUNKS, lag_chunks=LAG_CHUNKS)
     if buf.sync is not None:
-        b, h, n, _ = k.shape
-        err = hopper.preprocess_kernel()(
-            *_input_args(k, v), h, n, b * h, buf.n_chunks, buf.per_chunk, buf.lag,
-            buf.partials.data_ptr(), buf.stats.data_ptr(), buf.sync.data_ptr(), *_output_args(k, buf, cfg),
-        )  # fmt: skip
-        _check_preprocess(err)
+        b, h, n, d = k.shape
+        p = _preprocess_params(k, v, buf)
+        p.n_chunks, p.blocks_per_chunk, p.lag = buf.n_chunks, buf.per_chunk, buf.lag
+        p.part, p.sync = buf.partials.data_ptr(), buf.sync.data_ptr()
+        spec = kernels.preprocess_spec(d, kernels.ELEMENT[_dtype_name(k)], cfg.smooth_k, resident=False)
+        device = _device_index(k)
+        driver.ensure_context(device)
+        grid = ((b * h + buf.lag) * buf.n_chunks, 1, 1)
+        driver.launch(kernels.load(spec, device), grid, kernels.PREPROCESS_THREADS, 0, _stream(k), p)
     return buf.result(cfg, seqs)
 
 
-def _input_args(k: torch.Tensor, v: torch.Tensor) -> tuple:
-    """K's and V's pointers and (batch, head, token) strides, as both CUDA preprocessings take them."""
-    return (k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3])
+def _dtype_name(t: torch.Tensor) -> str:
+    return "bfloat16" if t.dtype == torch.bfloat16 else "float16"
 
 
-def _output_args(k: torch.Tensor, buf: L.KVBuffers, cfg: QuantConfig) -> tuple:
-    """Both CUDA preprocessings' last arguments: INT8 K, its scales, FP8 V^T, head_dim, dtype, smooth K, stream."""
-    return (
-        buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1), buf.vq.data_ptr(), buf.vq.shape[-1],
-        k.shape[-1], k.dtype == torch.bfloat16, cfg.smooth_k, torch.cuda.current_stream(k.device).cuda_stream,
-    )  # fmt: skip
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
-def _check_preprocess(err: int) -> None:
-    if err:
-        raise RuntimeError(f"quantattn Hopper preprocessing: {hopper.ERRORS.get(err, err)}")
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _preprocess_params(k: torch.Tensor, v: torch.Tensor, buf: L.KVBuffers) -> kernels.PreprocessParams:
+    """What both CUDA preprocessings read and write (the ticketed one adds its chunking and scratch)."""
+    b, h, n, _ = k.shape
+    p = kernels.PreprocessParams()
+    p.k, (p.k_sb, p.k_sh, p.k_sn) = k.data_ptr(), k.stride()[:3]
+    p.v, (p.v_sb, p.v_sh, p.v_sn) = v.data_ptr(), v.stride()[:3]
+    p.h, p.n, p.heads = h, n, b * h
+    p.stats = buf.stats.data_ptr()
+    p.kq, p.k_scale, p.ks_stride = buf.kq.data_ptr(), buf.k_scale.data_ptr(), buf.k_scale.stride(1)
+    p.vq, p.n_pad = buf.vq.data_ptr(), buf.vq.shape[-1]
+    return p
 
 
 def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences) -> L.QuantizedKV | None:
     """None when the GPU cannot run the cluster this length needs (nothing was launched)."""
-    buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, scratch=False)
-    b, h, n, _ = k.shape
+    b, h, n, d = k.shape
+    spec = kernels.preprocess_spec(d, kernels.ELEMENT[_dtype_name(k)], cfg.smooth_k, resident=True)
+    cluster = -(-n // kernels.RESIDENT_KEYS)
+    device = _device_index(k)
     if b * h and n:
-        err = hopper.resident_preprocess_kernel()(
-            *_input_args(k, v), h, n, b * h, buf.stats.data_ptr(), *_output_args(k, buf, cfg)
-        )
-        if err == hopper.CLUSTER_REFUSED:
+        driver.ensure_context(device)
+        if not kernels.cluster_fits(spec, device, cluster):
             return None
-        _check_preprocess(err)
+    buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, scratch=False)
+    if b * h and n:
+        p = _preprocess_params(k, v, buf)
+        driver.launch_cluster(
+            kernels.load(spec, device), b * h * cluster, kernels.PREPROCESS_THREADS, spec.shared_bytes, _stream(k),
+            cluster, p,
+        )  # fmt: skip
     return buf.result(cfg, seqs)
 
 
@@ -149,20 +164,45 @@ def attention(
         if lse is not None:
             lse.fill_(float("-inf"))
         return
-    k_mean = kv.k_stats[0].data_ptr() if (lse is not None and kv.cfg.smooth_k) else None
-    lse_args = (lse.data_ptr(), lse.stride(0), lse.stride(1)) if lse is not None else (None, 0, 0)
-    stream = torch.cuda.current_stream(q.device).cuda_stream
-    err = hopper.kernel()(
-        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
-        kv.k.data_ptr(), kv.k_scale.data_ptr(), kv.k_scale.stride(1), kv.v.data_ptr(), kv.v.shape[-1],
-        k_mean, kv.v_stats[1].data_ptr(), kv.v_stats[2].data_ptr(),
-        out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
-        *lse_args,
-        b, hq, hkv, nq, nk, d, q.dtype == torch.bfloat16, is_causal,
-        sm_scale * LOG2E, sm_scale, stream,
+    if d not in HEAD_DIMS or hq % hkv:
+        raise ValueError(f"the Hopper kernel takes head_dim 64 or 128 and Hq a multiple of Hkv, got {d}, {hq}/{hkv}")
+    p = kernels.AttentionParams()
+    _encode_kv_maps(p, kv, b * hkv, nk, d)
+    p.q, (p.q_sb, p.q_sh, p.q_sm) = q.data_ptr(), q.stride()[:3]
+    p.o, (p.o_sb, p.o_sh, p.o_sm) = out.data_ptr(), out.stride()[:3]
+    if lse is not None:
+        p.lse, p.l_sb, p.l_sh = lse.data_ptr(), lse.stride(0), lse.stride(1)
+    if lse is not None and kv.cfg.smooth_k:
+        p.k_mean = kv.k_stats[0].data_ptr()
+    p.v_max, p.v_min = kv.v_stats[1].data_ptr(), kv.v_stats[2].data_ptr()
+    p.hq, p.hkv, p.nq, p.nk = hq, hkv, nq, nk
+    p.qk_scale, p.sm_scale = sm_scale * LOG2E, sm_scale
+    spec = kernels.attention_spec(d, is_causal, kernels.ELEMENT[_dtype_name(q)])
+    device = _device_index(q)
+    driver.ensure_context(device)
+    grid = (-(-nq // kernels.ATTENTION_BLOCK_M), b * hq, 1)
+    driver.launch(kernels.load(spec, device), grid, kernels.ATTENTION_THREADS, spec.shared_bytes, _stream(q), p)
+
+
+_MAPS = {name: getattr(kernels.AttentionParams, name).offset for name in ("tm_k", "tm_v", "tm_ks")}
+
+
+def _encode_kv_maps(p: kernels.AttentionParams, kv: L.QuantizedKV, bhkv: int, nk: int, d: int) -> None:
+    """The TMA maps of INT8 K [B*Hkv][Nk][d], FP8 V^T [B*Hkv][d][n_pad] and the key scales [B*Hkv][Nk],
+    each loaded 128 keys at a time (the swizzles are the ones the kernel's wgmma descriptors assume)."""
+    base = ctypes.addressof(p)
+    n_pad = kv.v.shape[-1]
+    sw_k = driver.SWIZZLE_128B if d == 128 else driver.SWIZZLE_64B
+    u8, f32 = driver.TENSOR_MAP_UINT8, driver.TENSOR_MAP_FLOAT32
+    driver.encode_tiled(base + _MAPS["tm_k"], u8, kv.k.data_ptr(), (d, nk, bhkv), (d, nk * d), (d, 128, 1), sw_k)
+    driver.encode_tiled(
+        base + _MAPS["tm_v"], u8, kv.v.data_ptr(), (n_pad, d, bhkv), (n_pad, n_pad * d), (128, d, 1),
+        driver.SWIZZLE_128B,
     )  # fmt: skip
-    if err:
-        raise RuntimeError(f"quantattn Hopper kernel: {hopper.ERRORS.get(err, err)}")
+    ks_stride = kv.k_scale.stride(1)
+    driver.encode_tiled(
+        base + _MAPS["tm_ks"], f32, kv.k_scale.data_ptr(), (nk, bhkv), (ks_stride * 4,), (128, 1), driver.SWIZZLE_NONE
+    )
 
 
 def forward(call) -> None:

@@ -14,11 +14,6 @@
 // t / n_chunks - lag once that head's statistics are complete. Tickets are taken in start order, and a
 // CTA waits only for smaller tickets, so the launch cannot deadlock whatever the residency.
 
-#include <cuda_runtime.h>
-#include <stdint.h>
-
-#include <type_traits>
-
 #include "common.cuh"
 
 namespace quantattn_hopper {
@@ -425,17 +420,6 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) preprocess_kv(const __gri
   }
 }
 
-template <int D, typename T>
-static int launch(const Params& p, bool smooth_k, cudaStream_t stream) {
-  const dim3 grid((p.heads + p.lag) * p.n_chunks);
-  if (smooth_k)
-    preprocess_kv<D, T, true><<<grid, THREADS, 0, stream>>>(p);
-  else
-    preprocess_kv<D, T, false><<<grid, THREADS, 0, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? 0 : -4;
-}
-
-
 // ---------------------------------------------------------------------------------------------
 // Resident variant, for heads of at most RESIDENT_KEYS * MAX_CLUSTER keys: a cluster of CTAs per (batch,
 // kv head), each holding RESIDENT_KEYS keys of K and V in shared memory from the statistics to the
@@ -456,6 +440,9 @@ struct ResidentSmem {
   float part[SPLITS][PARTIAL_ROWS][D];        // part[0]: the CTA's partial statistics, which the cluster reads
   float mean[D], factor[D];                   // the head's smooth-K vector and V's FP8 factors
 };
+
+static_assert(sizeof(ResidentSmem<128>) == 520 * 128 + 7168 && sizeof(ResidentSmem<64>) == 520 * 64 + 7168,
+              "quantattn/hopper/kernels.py: resident_smem_bytes launches with this formula");
 
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {  // zeros where !valid
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
@@ -659,115 +646,5 @@ __global__ void __launch_bounds__(THREADS, RESIDENT_CTAS_PER_SM) preprocess_kv_r
   cluster_wait();  // the other CTAs have read this one's partials
 }
 
-template <int D, typename T, bool SMOOTH_K>
-static int launch_resident_typed(const Params& p, int cluster, cudaStream_t stream) {
-  auto kernel = preprocess_kv_resident<D, T, SMOOTH_K>;
-  constexpr int smem = sizeof(ResidentSmem<D>);
-  static bool configured = false;
-  if (!configured) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
-      return -3;
-    configured = true;
-  }
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = cluster;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.heads * cluster);
-  cfg.blockDim = dim3(THREADS);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  // Whether the GPU can run a cluster of this size at all (16 is beyond the portable 8), asked once:
-  // -6 tells the caller to take the ticketed kernel instead.
-  static int fits[MAX_CLUSTER + 1] = {};  // 0 not asked, 1 yes, -1 no
-  if (fits[cluster] == 0) {
-    int clusters = 0;
-    fits[cluster] = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0 ? 1 : -1;
-    cudaGetLastError();  // a refused query must not be reported by the next launch
-  }
-  if (fits[cluster] < 0) return -6;
-  return cudaLaunchKernelEx(&cfg, kernel, p) == cudaSuccess ? 0 : -4;
-}
-
-template <int D, typename T>
-static int launch_resident(const Params& p, bool smooth_k, cudaStream_t stream) {
-  const int cluster = (p.n + RESIDENT_KEYS - 1) / RESIDENT_KEYS;
-  return smooth_k ? launch_resident_typed<D, T, true>(p, cluster, stream)
-                  : launch_resident_typed<D, T, false>(p, cluster, stream);
-}
-
-// What both preprocessings read and write (the ticketed one adds its chunking and scratch).
-static Params kv_params(const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn, const void* v, int64_t v_sb,
-                        int64_t v_sh, int64_t v_sn, int h, int n, int heads, float* stats, void* kq, float* k_scale,
-                        int64_t ks_stride, void* vq, int64_t n_pad) {
-  Params p = {};
-  p.k = k, p.k_sb = k_sb, p.k_sh = k_sh, p.k_sn = k_sn;
-  p.v = v, p.v_sb = v_sb, p.v_sh = v_sh, p.v_sn = v_sn;
-  p.h = h, p.n = n, p.heads = heads;
-  p.stats = stats;
-  p.kq = static_cast<int8_t*>(kq), p.k_scale = k_scale, p.ks_stride = ks_stride;
-  p.vq = static_cast<uint8_t*>(vq), p.n_pad = n_pad;
-  return p;
-}
-
-// f(head_dim tag, element tag) for the head dim (64 or 128) and element type the caller names.
-template <typename F>
-static int by_type(int head_dim, int is_bf16, F&& f) {
-  using D128 = std::integral_constant<int, 128>;
-  using D64 = std::integral_constant<int, 64>;
-  if (head_dim == 128) return is_bf16 ? f(D128{}, __nv_bfloat16{}) : f(D128{}, __half{});
-  return is_bf16 ? f(D64{}, __nv_bfloat16{}) : f(D64{}, __half{});
-}
-
 }  // namespace prep
 }  // namespace quantattn_hopper
-
-using namespace quantattn_hopper;
-
-extern "C" {
-
-// Same error codes as quantattn_hopper_attention: -4 the launch failed, -5 unsupported arguments.
-int quantattn_hopper_preprocess(const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn, const void* v, int64_t v_sb,
-                                int64_t v_sh, int64_t v_sn, int h, int n, int heads, int n_chunks,
-                                int blocks_per_chunk, int lag, float* part, float* stats, int* sync, void* kq,
-                                float* k_scale, int64_t ks_stride, void* vq, int64_t n_pad, int head_dim, int is_bf16,
-                                int smooth_k, void* stream) {
-  if ((head_dim != 64 && head_dim != 128) || n <= 0 || heads <= 0 || n_chunks <= 0 || lag <= 0 || n_pad % 32)
-    return -5;
-  prep::Params p = prep::kv_params(k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, h, n, heads, stats, kq, k_scale, ks_stride,
-                                   vq, n_pad);
-  p.n_chunks = n_chunks, p.blocks_per_chunk = blocks_per_chunk, p.lag = lag;
-  p.part = part, p.sync = sync;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return prep::by_type(head_dim, is_bf16, [&](auto d, auto t) {
-    return prep::launch<decltype(d)::value, decltype(t)>(p, smooth_k, s);
-  });
-}
-
-// The most keys per head the resident preprocessing takes.
-int quantattn_hopper_resident_max_keys() { return prep::RESIDENT_KEYS * prep::MAX_CLUSTER; }
-
-// The resident preprocessing (heads of at most quantattn_hopper_resident_max_keys() keys): the same
-// outputs as quantattn_hopper_preprocess, without its scratch. Same error codes, and -6: the GPU cannot
-// run its cluster of CTAs (nothing was launched; the ticketed kernel can).
-int quantattn_hopper_preprocess_resident(const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn, const void* v,
-                                         int64_t v_sb, int64_t v_sh, int64_t v_sn, int h, int n, int heads,
-                                         float* stats, void* kq, float* k_scale, int64_t ks_stride, void* vq,
-                                         int64_t n_pad, int head_dim, int is_bf16, int smooth_k, void* stream) {
-  if ((head_dim != 64 && head_dim != 128) || n <= 0 || n > quantattn_hopper_resident_max_keys() || heads <= 0 ||
-      n_pad % 32 || n_pad < n)
-    return -5;
-  const prep::Params p = prep::kv_params(k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, h, n, heads, stats, kq, k_scale,
-                                         ks_stride, vq, n_pad);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return prep::by_type(head_dim, is_bf16, [&](auto d, auto t) {
-    return prep::launch_resident<decltype(d)::value, decltype(t)>(p, smooth_k, s);
-  });
-}
-
-}  // extern "C"

@@ -2,7 +2,7 @@
 // shared-memory descriptors (ss), PV with A from registers (rs). Operand lists are long, so they are
 // written out once here.
 #pragma once
-#include <stdint.h>
+#include "device_types.cuh"
 
 namespace quantattn_hopper {
 

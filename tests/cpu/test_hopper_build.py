@@ -1,14 +1,14 @@
-"""The native Hopper backend where it cannot run: its CUDA source compiles (where nvcc is installed), a
-machine without a GPU reports it unavailable with a reason, and CPU calls keep running the reference.
-
-No GPU is needed: compiling for sm_90a only needs the CUDA toolkit.
+"""The native Hopper backend where it cannot run: its CUDA sources compile for sm_90a with NVRTC (where
+libnvrtc is installed, e.g. the nvidia-cuda-nvrtc wheel; no GPU needed), the kernel cache trusts only
+what the user alone can have written, a machine without a GPU reports the backend unavailable with a
+reason, and CPU calls keep running the reference.
 """
 
 from __future__ import annotations
 
 import importlib
-import shutil
-from pathlib import Path
+import logging
+import os
 
 import pytest
 import torch
@@ -24,14 +24,135 @@ def hopper_module(name: str = "quantattn.hopper"):
         pytest.skip(f"{name} is not importable ({exc})")
 
 
-def test_cuda_source_compiles_for_sm90a(tmp_path):
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc is not on PATH")
+def needs_nvrtc():
+    compiler = hopper_module("quantattn.hopper.compiler")
+    if compiler.nvrtc().lib is None:
+        pytest.skip(compiler.nvrtc().reason)
+    return compiler
+
+
+def test_every_kernel_compiles_for_sm90a(tmp_path, monkeypatch):
+    """Every instantiation the backend launches compiles with NVRTC, into the cache, as a cubin."""
+    compiler = needs_nvrtc()
     build = hopper_module("quantattn.hopper.build")
-    path = Path(build.compile_library(str(tmp_path)))
-    assert path.is_file(), path
-    assert path.resolve().is_relative_to(tmp_path.resolve()), f"{path} was written outside the output folder"
-    assert path.read_bytes()[:4] == b"\x7fELF", "not a shared library"
+    kernels = hopper_module("quantattn.hopper.kernels")
+    monkeypatch.setenv("QUANTATTN_CACHE", str(tmp_path))
+    built = dict(build.build_all(workers=2))
+    assert set(built) == {spec.key for spec in kernels.all_specs()}
+    folder = compiler.cache_dir()
+    assert folder.is_relative_to(tmp_path)
+    for spec in kernels.all_specs():
+        data = (folder / f"{spec.key}.cubin").read_bytes()
+        assert data[:4] == b"\x7fELF", f"{spec.key}: not a cubin"
+        assert data.rpartition(compiler.MARK)[2].startswith(b"_ZN16quantattn_hopper"), spec.key
+
+
+def test_a_compile_error_carries_the_log():
+    compiler = needs_nvrtc()
+    with pytest.raises(compiler.CompileError, match="undefined|identifier"):
+        compiler.compile_cubin("__global__ void k() { not_declared(); }", "k")
+
+
+# ---- the kernel cache: trusted only where nobody else can have written it ---------------------------
+
+
+@pytest.fixture
+def fake_compiler(tmp_path, monkeypatch):
+    """compiler.cached_cubin with a stand-in for NVRTC (no library needed): counts compilations."""
+    compiler = hopper_module("quantattn.hopper.compiler")
+    monkeypatch.setenv("QUANTATTN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compiler, "nvrtc", lambda: type("S", (), {"version": (13, 0), "lib": object()})())
+    calls = []
+
+    def compile_cubin(source, name, filename="x.cu"):
+        calls.append(name)
+        return b"\x7fELF" + os.urandom(16), "_Z6kernel"
+
+    monkeypatch.setattr(compiler, "compile_cubin", compile_cubin)
+    compiler._warned.clear()
+    return compiler, calls
+
+
+def test_the_cache_is_private_and_reused(fake_compiler):
+    compiler, calls = fake_compiler
+    first = compiler.cached_cubin("k", "attention.cu", "kernel")
+    assert compiler.cached_cubin("k", "attention.cu", "kernel") == first and len(calls) == 1
+    folder = compiler.cache_dir()
+    for path in [
+        folder,
+        *[p for p in folder.parents if p == compiler.cache_root() or compiler.cache_root() in p.parents],
+    ]:
+        assert os.stat(path).st_mode & 0o777 == 0o700, path
+    assert os.stat(folder / "k.cubin").st_mode & 0o077 == 0
+    assert [p.name for p in folder.iterdir()] == ["k.cubin"], "a temporary file was left behind"
+
+
+def test_a_writable_cache_file_is_compiled_again(fake_compiler, caplog):
+    compiler, calls = fake_compiler
+    compiler.cached_cubin("k", "attention.cu", "kernel")
+    path = compiler.cache_dir() / "k.cubin"
+    planted = b"\x7fELFplanted" + compiler.MARK + b"_Z6kernel"
+    path.write_bytes(planted)
+    os.chmod(path, 0o666)
+    with caplog.at_level(logging.WARNING, logger="quantattn"):
+        cubin, _ = compiler.cached_cubin("k", "attention.cu", "kernel")
+    assert cubin != b"\x7fELFplanted" and len(calls) == 2
+    assert "writable by group or others" in caplog.text
+    assert path.read_bytes() != planted and os.stat(path).st_mode & 0o077 == 0, "the file was not replaced"
+
+
+def test_a_cache_file_of_another_user_is_compiled_again(fake_compiler, monkeypatch, caplog):
+    compiler, calls = fake_compiler
+    compiler.cached_cubin("k", "attention.cu", "kernel")
+    real_getuid = os.getuid
+    path = compiler.cache_dir() / "k.cubin"
+    real_fstat = os.fstat
+
+    def fstat(fd):  # the file looks owned by someone else
+        st = real_fstat(fd)
+        return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, real_getuid() + 1, *st[5:]))
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    with caplog.at_level(logging.WARNING, logger="quantattn"):
+        compiler.cached_cubin("k", "attention.cu", "kernel")
+    assert len(calls) == 2 and "owned by uid" in caplog.text
+    assert path.exists()
+
+
+def test_a_shared_cache_folder_is_not_used(fake_compiler, caplog):
+    compiler, calls = fake_compiler
+    compiler.cached_cubin("k", "attention.cu", "kernel")
+    folder = compiler.cache_dir()
+    os.chmod(folder, 0o777)
+    try:
+        with caplog.at_level(logging.WARNING, logger="quantattn"):
+            compiler.cached_cubin("k", "attention.cu", "kernel")
+            compiler.cached_cubin("k", "attention.cu", "kernel")
+    finally:
+        os.chmod(folder, 0o700)
+    assert len(calls) == 3, "a cubin was read from a folder others can write"
+    assert "cache is not used" in caplog.text
+
+
+def test_a_symlinked_cache_file_is_not_followed(fake_compiler, tmp_path):
+    compiler, calls = fake_compiler
+    compiler.cached_cubin("k", "attention.cu", "kernel")
+    path = compiler.cache_dir() / "k.cubin"
+    elsewhere = tmp_path / "elsewhere.cubin"
+    elsewhere.write_bytes(b"\x7fELFelsewhere" + compiler.MARK + b"_Z6kernel")
+    os.chmod(elsewhere, 0o600)
+    path.unlink()
+    path.symlink_to(elsewhere)
+    cubin, _ = compiler.cached_cubin("k", "attention.cu", "kernel")
+    assert cubin != b"\x7fELFelsewhere" and len(calls) == 2
+
+
+def test_the_cache_key_changes_with_the_sources(fake_compiler, monkeypatch):
+    compiler, _ = fake_compiler
+    before = compiler.cache_dir()
+    real = compiler.sources()
+    monkeypatch.setattr(compiler, "sources", lambda: real[:-1])
+    assert compiler.cache_dir() != before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the path of a machine without a GPU")

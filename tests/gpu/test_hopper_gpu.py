@@ -312,3 +312,74 @@ def test_env_keeps_auto_off_hopper(monkeypatch):
     out = qa.sageattn(q, k, v, is_causal=True)
     assert not seen
     assert torch.equal(out, qa.sageattn(q, k, v, is_causal=True, backend="triton"))
+
+
+# ---- the parameter structs: Python's ctypes layout is the kernels' ---------------------------------------
+
+PROBE = """
+#include "{source}"
+extern "C" __global__ void probe(const __grid_constant__ {struct} p, unsigned long long* out) {{
+{puts}
+}}
+"""
+
+
+def _probe_fields(struct) -> list[tuple[str, str]]:
+    """(C expression, field name) of every field to echo: tensor maps by their first and last words."""
+    import ctypes
+
+    from quantattn.hopper import kernels
+
+    exprs = []
+    for name, kind in struct._fields_:
+        if name.startswith("_"):
+            continue
+        if kind is kernels.TensorMap:
+            exprs += [(f"p.{name}.opaque[0]", f"{name}[0]"), (f"p.{name}.opaque[15]", f"{name}[15]")]
+        elif kind is ctypes.c_float:
+            exprs.append((f"__float_as_uint(p.{name})", name))
+        elif kind is ctypes.c_void_p:
+            exprs.append((f"reinterpret_cast<unsigned long long>(p.{name})", name))
+        else:
+            exprs.append((f"(unsigned long long)(p.{name})", name))
+    return exprs
+
+
+@pytest.mark.parametrize("which", ["attention", "preprocess"])
+def test_parameter_structs_match_the_kernels(which):
+    """Every field set from Python arrives in the kernel's Params under its name (a probe kernel compiled
+    with the kernel's own source echoes each one), so the ctypes mirror cannot drift silently."""
+    import ctypes
+    import struct as pystruct
+
+    from quantattn.hopper import compiler, driver, kernels
+
+    cls, source, cname = {
+        "attention": (kernels.AttentionParams, "attention.cu", "quantattn_hopper::Params"),
+        "preprocess": (kernels.PreprocessParams, "preprocess.cu", "quantattn_hopper::prep::Params"),
+    }[which]
+    fields = _probe_fields(cls)
+    puts = "\n".join(f"  out[{i}] = {expr};" for i, (expr, _) in enumerate(fields))
+    cubin, lowered = compiler.compile_cubin(PROBE.format(source=source, struct=cname, puts=puts), "probe")
+    p, want = cls(), []
+    for i, (name, kind) in enumerate(cls._fields_):
+        if name.startswith("_"):
+            continue
+        if kind is kernels.TensorMap:
+            words = getattr(p, name).opaque
+            words[0], words[15] = 0x1111_0000 + i, 0x2222_0000 + i
+            want += [words[0], words[15]]
+        elif kind is ctypes.c_float:
+            setattr(p, name, i + 0.25)
+            want.append(pystruct.unpack("<I", pystruct.pack("<f", i + 0.25))[0])
+        else:
+            value = 0x7000_0000_0000 + 8 * i if kind is ctypes.c_void_p else 1000 + 7 * i
+            setattr(p, name, value)
+            want.append(value)
+    out = torch.full((len(fields),), -1, dtype=torch.int64, device=DEV)
+    driver.ensure_context(torch.cuda.current_device())
+    kernel = driver.get_kernel(driver.load_library(cubin), lowered)
+    stream = torch.cuda.current_stream().cuda_stream
+    driver.launch(kernel, (1, 1, 1), 1, 0, stream, p, ctypes.c_void_p(out.data_ptr()))
+    got = [v & (2**64 - 1) for v in out.tolist()]
+    assert dict(zip([n for _, n in fields], got, strict=True)) == dict(zip([n for _, n in fields], want, strict=True))

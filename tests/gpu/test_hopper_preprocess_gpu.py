@@ -194,15 +194,15 @@ def test_captures_in_a_cuda_graph(cuda_path):
 
 
 def test_resident_limit_is_the_documented_one():
-    from quantattn import hopper
+    from quantattn.hopper import kernels
 
-    assert hopper.resident_max_keys() == RESIDENT_MAX_KEYS
+    assert kernels.RESIDENT_MAX_KEYS == RESIDENT_MAX_KEYS
 
 
 def test_a_refused_cluster_falls_back_to_the_ticketed_kernel(monkeypatch):
-    """A GPU that cannot run the resident kernel's cluster (the library answers -6 and launches nothing)
-    gets the ticketed kernel's values, not an error."""
-    from quantattn import hopper
+    """A GPU that cannot run the resident kernel's cluster (the occupancy query says 0 clusters; nothing
+    is launched) gets the ticketed kernel's values, not an error."""
+    from quantattn.hopper import kernels
 
     launch = hopper_launch()
     k, v = make(14, 2, 4, 1500, 128, outliers=True), make(15, 2, 4, 1500, 128)
@@ -213,9 +213,9 @@ def test_a_refused_cluster_falls_back_to_the_ticketed_kernel(monkeypatch):
 
     def refuse(*args):
         calls.append(args)
-        return hopper.CLUSTER_REFUSED
+        return False
 
-    monkeypatch.setattr(hopper, "resident_preprocess_kernel", lambda: refuse)
+    monkeypatch.setattr(kernels, "cluster_fits", refuse)
     got = launch.preprocess(k, v, DEFAULT)
     assert calls, "the resident kernel was not asked"
     assert torch.equal(got.k, want.k) and torch.equal(got.v.view(torch.uint8), want.v.view(torch.uint8))
