@@ -67,6 +67,35 @@ def where() -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+def parts() -> None:
+    """µs per call of each step of a Hopper launch, alone (the same tiny problem)."""
+    import timeit
+
+    from quantattn.config import QuantConfig
+    from quantattn.hopper import driver, kernels, launch
+
+    q, k, v = (torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kv = launch.preprocess(k, v, QuantConfig())
+    out = torch.empty_like(q)
+    steps = {
+        "sageattn (whole)": lambda: __import__("quantattn").sageattn(q, k, v, backend="hopper"),
+        "launch.preprocess": lambda: launch.preprocess(k, v, QuantConfig()),
+        "launch.attention": lambda: launch.attention(q, kv, False, 0.1, out),
+        "attention_spec": lambda: kernels.attention_spec(128, False, "bf16"),
+        "AttentionParams()": kernels.AttentionParams,
+        "encode 3 maps": lambda: launch._encode_kv_maps(kernels.AttentionParams(), kv, 1, 64, 128),
+        "ensure_context": lambda: driver.ensure_context(0),
+        "current_stream": lambda: torch.cuda.current_stream(q.device).cuda_stream,
+        "torch.empty x1": lambda: torch.empty(64, device="cuda"),
+    }
+    for name, fn in steps.items():
+        fn()
+        n = 2000
+        t = min(timeit.repeat(fn, number=n, repeat=3)) / n * 1e6
+        torch.cuda.synchronize()
+        print(f"{name:20s} {t:7.1f} us")
+
+
 def save(path: str) -> None:
     import quantattn
 
@@ -85,7 +114,7 @@ def compare(a: str, b: str) -> None:
 
 if __name__ == "__main__":
     cmd = sys.argv[1]
-    {"first": first, "host": host, "where": where}.get(cmd, lambda: None)()
+    {"first": first, "host": host, "where": where, "parts": parts}.get(cmd, lambda: None)()
     if cmd == "--save":
         save(sys.argv[2])
     elif cmd == "--compare":

@@ -129,17 +129,21 @@ def launch(kernel: int, grid: tuple[int, int, int], threads: int, shared_bytes: 
     check(cuda().cuLaunchKernel(kernel, *grid, threads, 1, 1, shared_bytes, stream, args, None), "cuLaunchKernel")
 
 
-def cluster_config(grid: int, threads: int, shared_bytes: int, stream: int, cluster: int):
+@functools.lru_cache(maxsize=64)
+def cluster_config(grid: int, threads: int, shared_bytes: int, stream: int | None, cluster: int):
+    """The launch configuration of a 1-D grid in clusters of `cluster` CTAs (built once per shape and
+    stream: the driver reads it at each launch and keeps nothing)."""
     attr = LaunchAttribute(id=LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, x=cluster, y=1, z=1)
     cfg = LaunchConfig(shared_bytes=shared_bytes, stream=stream, attrs=ctypes.pointer(attr), num_attrs=1)
     cfg.grid[:] = (grid, 1, 1)
     cfg.block[:] = (threads, 1, 1)
-    return cfg, attr  # attr kept alive with cfg
+    cfg._attr = attr  # kept alive with cfg
+    return cfg
 
 
 def launch_cluster(kernel: int, grid: int, threads: int, shared_bytes: int, stream: int, cluster: int, params) -> None:
     """A 1-D launch in clusters of `cluster` CTAs."""
-    cfg, _attr = cluster_config(grid, threads, shared_bytes, stream, cluster)
+    cfg = cluster_config(grid, threads, shared_bytes, stream, cluster)
     args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
     check(cuda().cuLaunchKernelEx(ctypes.byref(cfg), kernel, args, None), "cuLaunchKernelEx")
 
@@ -148,10 +152,13 @@ def max_active_clusters(kernel: int, threads: int, shared_bytes: int, cluster: i
     """How many clusters of `cluster` CTAs the current GPU can hold at once (0: it cannot run one)."""
     fn = _P()
     check(cuda().cuKernelGetFunction(ctypes.byref(fn), kernel), "cuKernelGetFunction")
-    cfg, _attr = cluster_config(cluster, threads, shared_bytes, None, cluster)
+    cfg = cluster_config(cluster, threads, shared_bytes, None, cluster)
     n = ctypes.c_int()
     res = cuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), fn, ctypes.byref(cfg))
     return n.value if res == 0 else 0
+
+
+_encoded: dict[tuple, bytes] = {}
 
 
 def encode_tiled(
@@ -164,12 +171,24 @@ def encode_tiled(
     swizzle: int,
 ) -> None:
     """cuTensorMapEncodeTiled into the 128 bytes at out_address: a tensor of `dims` (innermost first),
-    with byte strides of the outer dimensions, loaded in boxes of `box` elements."""
-    rank = len(dims)
-    res = cuda().cuTensorMapEncodeTiled(
-        out_address, dtype, rank, base,
-        (ctypes.c_uint64 * rank)(*dims), (ctypes.c_uint64 * (rank - 1))(*strides_bytes),
-        (ctypes.c_uint32 * rank)(*box), (ctypes.c_uint32 * rank)(*([1] * rank)),
-        0, swizzle, L2_PROMOTION_256B, 0,
-    )  # fmt: skip
-    check(res, f"cuTensorMapEncodeTiled(dims={dims}, strides={strides_bytes}, box={box})")
+    with byte strides of the outer dimensions, loaded in boxes of `box` elements.
+
+    A map is a pure function of these arguments, and the caching allocator hands the same buffers to
+    call after call, so maps are remembered (the driver's encode plus ctypes' argument arrays cost ~10 µs
+    on the host, a copy 1)."""
+    key = (dtype, base, dims, strides_bytes, box, swizzle)
+    cached = _encoded.get(key)
+    if cached is None:
+        rank = len(dims)
+        res = cuda().cuTensorMapEncodeTiled(
+            out_address, dtype, rank, base,
+            (ctypes.c_uint64 * rank)(*dims), (ctypes.c_uint64 * (rank - 1))(*strides_bytes),
+            (ctypes.c_uint32 * rank)(*box), (ctypes.c_uint32 * rank)(*([1] * rank)),
+            0, swizzle, L2_PROMOTION_256B, 0,
+        )  # fmt: skip
+        check(res, f"cuTensorMapEncodeTiled(dims={dims}, strides={strides_bytes}, box={box})")
+        if len(_encoded) >= 1024:
+            _encoded.clear()
+        _encoded[key] = ctypes.string_at(out_address, 128)
+    else:
+        ctypes.memmove(out_address, cached, 128)

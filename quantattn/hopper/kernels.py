@@ -9,6 +9,7 @@ Shared-memory sizes are the kernels' own formulas, which the sources static_asse
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ class Spec:
     non_portable_cluster: bool = False
 
 
+@functools.cache
 def attention_spec(d: int, causal: bool, element: str) -> Spec:
     return Spec(
         f"attention_d{d}_{'causal' if causal else 'full'}_{element}",
@@ -87,6 +89,7 @@ def attention_spec(d: int, causal: bool, element: str) -> Spec:
     )
 
 
+@functools.cache
 def preprocess_spec(d: int, element: str, smooth_k: bool, resident: bool) -> Spec:
     kernel = "preprocess_kv_resident" if resident else "preprocess_kv"
     return Spec(
