@@ -219,7 +219,7 @@ static_assert(smem_bytes<128>() == 580 * 128 + 2080 && smem_bytes<64>() == 580 *
 // product (thread: rows r and r + 8 of its warp's 16, in each 32-channel step the channels 4t..4t+3 and
 // 16+4t..16+4t+3), quantized with one scale per row; the kernel then stores them as the shared A tile.
 
-template <int D, typename T>
+template <int D, typename T, bool PER_THREAD>
 struct QRows {
   static constexpr int KSTEPS = D / 32;
   uint32_t a[KSTEPS][4];  // INT8 Q as A fragments (stored to shared memory once)
@@ -259,8 +259,10 @@ struct QRows {
       }
     }
 #pragma unroll
+    for (int h = 0; h < 2; ++h) amax[h] = fmaxf(quad_max(amax[h]), AMAX_FLOOR);
+    if constexpr (PER_THREAD) amax[0] = amax[1] = fmaxf(amax[0], amax[1]);  // rows r and r + 8 share a scale
+#pragma unroll
     for (int h = 0; h < 2; ++h) {
-      amax[h] = fmaxf(quad_max(amax[h]), AMAX_FLOOR);
       bad[h] = __shfl_xor_sync(0xFFFFFFFF, bad[h], 1) + bad[h];
       bad[h] = __shfl_xor_sync(0xFFFFFFFF, bad[h], 2) + bad[h];
       dot_kmean[h] = quad_sum(dot_kmean[h]);
@@ -284,7 +286,10 @@ struct QRows {
 // ---------------------------------------------------------------------------------------------
 // The kernel
 
-template <int D, bool CAUSAL, typename T>
+// PER_THREAD: QK scale groups of quantattn's "per_thread" granularity (reference/quant.py): a thread's two
+// query rows share one Q scale, and its keys of a 64-key block (8j + 2t + {0, 1}) one K scale, so that
+// the scales fold into the exponent's FFMA instead of a multiply per score.
+template <int D, bool CAUSAL, typename T, bool PER_THREAD>
 __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopper(const __grid_constant__ Params p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // swizzled TMA tiles want 1024-byte alignment, which the dynamic buffer is not promised
@@ -333,7 +338,7 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     const int64_t at = int64_t(bh_kv) * D + tid;
     sm.tail.v_factor[tid] = fmaxf(fmaxf(p.v_max[at], -p.v_min[at]), AMAX_FLOOR) * (1.f / V_RANGE);
   }
-  QRows<D, T> q;
+  QRows<D, T, PER_THREAD> q;
   q.load(p, q_head, r0, t, p.lse != nullptr ? k_mean : nullptr);
   store_a_fragment<D, D / 32>(sm.q, q.a, rl, t);
   fence_async_shared();
@@ -368,15 +373,30 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     wgmma_wait<0>();
     fence_regs(acc_s);
 
-    // scores in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max)
+    // scores in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max).
+    // PER_THREAD: s = qk, and group[g] the K scale of the thread's keys in 64-key half g, unless a key of
+    // the block has a non-finite element (NaN scale: rare); then per key, so that NaN reaches exactly the
+    // scores of that key, as in the reference.
     float sc[64];
+    float group[2] = {1.f, 1.f};
+    bool per_key = !PER_THREAD;
+    if constexpr (PER_THREAD) {
+      const float4 k4 = *reinterpret_cast<const float4*>(&sm.tail.ks[s][4 * lane]);
+      per_key = __any_sync(0xFFFFFFFF, !(is_finite(k4.x) && is_finite(k4.y) && is_finite(k4.z) && is_finite(k4.w)));
+      if (!per_key) group[0] = sm.tail.ks[s][2 * t], group[1] = sm.tail.ks[s][64 + 2 * t];
+    }
+    if (per_key) {
 #pragma unroll
-    for (int cc = 0; cc < 16; ++cc) {
-      const float2 ks = *reinterpret_cast<const float2*>(&sm.tail.ks[s][8 * cc + 2 * t]);
-      sc[4 * cc + 0] = __int2float_rn(acc_s[4 * cc + 0]) * ks.x;
-      sc[4 * cc + 1] = __int2float_rn(acc_s[4 * cc + 1]) * ks.y;
-      sc[4 * cc + 2] = __int2float_rn(acc_s[4 * cc + 2]) * ks.x;
-      sc[4 * cc + 3] = __int2float_rn(acc_s[4 * cc + 3]) * ks.y;
+      for (int cc = 0; cc < 16; ++cc) {
+        const float2 ks = *reinterpret_cast<const float2*>(&sm.tail.ks[s][8 * cc + 2 * t]);
+        sc[4 * cc + 0] = __int2float_rn(acc_s[4 * cc + 0]) * ks.x;
+        sc[4 * cc + 1] = __int2float_rn(acc_s[4 * cc + 1]) * ks.y;
+        sc[4 * cc + 2] = __int2float_rn(acc_s[4 * cc + 2]) * ks.x;
+        sc[4 * cc + 3] = __int2float_rn(acc_s[4 * cc + 3]) * ks.y;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) sc[i] = __int2float_rn(acc_s[i]);
     }
     if (j >= full_blocks_end) {
 #pragma unroll
@@ -394,13 +414,21 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
       float mx[16];
 #pragma unroll
       for (int cc = 0; cc < 16; ++cc) mx[cc] = fmaxf(sc[4 * cc + 2 * hh], sc[4 * cc + 2 * hh + 1]);
+      float m_blk;
+      if constexpr (PER_THREAD) {  // each 64-key half (cc < 8, cc >= 8) apart: their scales differ
 #pragma unroll
-      for (int cc = 0; cc < 8; ++cc) mx[cc] = fmaxf(mx[cc], mx[cc + 8]);
+        for (int cc = 0; cc < 4; ++cc) mx[cc] = fmaxf(mx[cc], mx[cc + 4]), mx[cc + 8] = fmaxf(mx[cc + 8], mx[cc + 12]);
+        const float half0 = fmaxf(fmaxf(mx[0], mx[2]), fmaxf(mx[1], mx[3]));
+        const float half1 = fmaxf(fmaxf(mx[8], mx[10]), fmaxf(mx[9], mx[11]));
+        m_blk = quad_max(fmaxf(half0 * group[0], half1 * group[1]));
+      } else {
 #pragma unroll
-      for (int cc = 0; cc < 4; ++cc) mx[cc] = fmaxf(mx[cc], mx[cc + 4]);
-      mx[0] = fmaxf(fmaxf(mx[0], mx[2]), fmaxf(mx[1], mx[3]));
-      mx[0] = quad_max(mx[0]);
-      const float m_new = fmaxf(m_run[hh], mx[0] * q.scale[hh]);
+        for (int cc = 0; cc < 8; ++cc) mx[cc] = fmaxf(mx[cc], mx[cc + 8]);
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) mx[cc] = fmaxf(mx[cc], mx[cc + 4]);
+        m_blk = quad_max(fmaxf(fmaxf(mx[0], mx[2]), fmaxf(mx[1], mx[3])));
+      }
+      const float m_new = fmaxf(m_run[hh], m_blk * q.scale[hh]);
       m_safe[hh] = m_new == -INFINITY ? 0.f : m_new;
       alpha[hh] = ex2(m_run[hh] - m_safe[hh]);
       m_run[hh] = m_new;
@@ -408,6 +436,9 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     // 448 * P = exp2(s * q_scale - m + log2 448) in E4M3, packed as this thread's A fragment of the PV
     // product; its row sums are 448 * l, which the epilogue divides out
     const float m_exp[2] = {LOG2_P_SCALE - m_safe[0], LOG2_P_SCALE - m_safe[1]};
+    // the factor from s to exp2 units, per row and 64-key half
+    const float to_exp[2][2] = {{q.scale[0] * group[0], q.scale[0] * group[1]},
+                                {q.scale[1] * group[0], q.scale[1] * group[1]}};
     float rowsum[2] = {0.f, 0.f};
     uint32_t pa[4][4];
     float fresh[ACC];  // fresh = P V (FP8, the tensor cores' FP32 accumulator), then added to o in FP32
@@ -419,7 +450,7 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) pv[2 * cc + e] = ex2(fmaf(sc[4 * (4 * k + cc) + 2 * hh + e], q.scale[hh], m_exp[hh]));
+          for (int e = 0; e < 2; ++e) pv[2 * cc + e] = ex2(fmaf(sc[4 * (4 * k + cc) + 2 * hh + e], to_exp[hh][k / 2], m_exp[hh]));
         }
         rowsum[hh] += ((pv[0] + pv[1]) + (pv[2] + pv[3])) + ((pv[4] + pv[5]) + (pv[6] + pv[7]));
         pa[k][hh] = e4m3x2(pv[0], pv[1]) | (e4m3x2(pv[2], pv[3]) << 16);

@@ -80,11 +80,13 @@ class Spec:
 
 
 @functools.cache
-def attention_spec(d: int, causal: bool, element: str) -> Spec:
+def attention_spec(d: int, causal: bool, element: str, per_thread: bool = False) -> Spec:
+    """per_thread: QK scales of the "per_thread" granularity, else "per_token"."""
     return Spec(
-        f"attention_d{d}_{'causal' if causal else 'full'}_{element}",
+        f"attention_d{d}_{'causal' if causal else 'full'}_{element}{'_per_thread' if per_thread else ''}",
         "attention.cu",
-        f"quantattn_hopper::sage_attention_hopper<{d}, {str(causal).lower()}, quantattn_hopper::{element}>",
+        f"quantattn_hopper::sage_attention_hopper<{d}, {str(causal).lower()}, quantattn_hopper::{element}, "
+        f"{str(per_thread).lower()}>",
         shared_bytes=attention_smem_bytes(d),
     )
 
@@ -106,7 +108,7 @@ def all_specs() -> list[Spec]:
     specs = []
     for d in (64, 128):
         for element in ELEMENT.values():
-            specs += [attention_spec(d, causal, element) for causal in (False, True)]
+            specs += [attention_spec(d, c, element, pt) for c in (False, True) for pt in (False, True)]
             specs += [preprocess_spec(d, element, s, r) for s in (False, True) for r in (False, True)]
     return specs
 

@@ -21,13 +21,14 @@ HEAD_DIMS = (64, 128)
 MAX_CHUNKS = L.MAX_CHUNKS
 LAG_CHUNKS = L.LAG_CHUNKS
 DTYPES = (torch.float16, torch.bfloat16)
+QK_GRANULARITIES = ("per_token", "per_thread")
 
 
 def config_reasons(cfg: QuantConfig) -> list[str]:
     """What of a config the Hopper kernel does not compute (it implements SageAttention2-8b per token)."""
     reasons = []
-    if cfg.qk_dtype != "int8" or cfg.qk_granularity != "per_token":
-        reasons.append("the Hopper kernel quantizes QK to INT8 per token only")
+    if cfg.qk_dtype != "int8" or cfg.qk_granularity not in QK_GRANULARITIES:
+        reasons.append("the Hopper kernel quantizes QK to INT8 per token or per thread only")
     if cfg.pv_dtype != "fp8" or cfg.pv_accum != "fp32+fp32":
         reasons.append("the Hopper kernel runs FP8 PV with two-level FP32 accumulation only")
     if cfg.smooth_q or cfg.smooth_v:
@@ -49,10 +50,12 @@ def tensor_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     return reasons
 
 
-def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences) -> str | None:
+def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences, cfg: QuantConfig) -> str | None:
     """Why the CUDA preprocessing cannot take K and V (it reads rows with 16-byte loads; dense calls only)."""
     if os.environ.get("QUANTATTN_HOPPER_PREPROCESS", "1") == "0":
         return "QUANTATTN_HOPPER_PREPROCESS=0"
+    if cfg.qk_granularity != "per_token":
+        return "K scales per thread group are computed by Triton's preprocessing"
     if seqs.is_varlen or seqs.has_lengths:
         return "varlen and key lengths are preprocessed by Triton"
     if k.dtype not in DTYPES or v.dtype != k.dtype or k.shape[-1] not in HEAD_DIMS:
@@ -63,12 +66,12 @@ def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences
     return None
 
 
-def preprocess_path(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences) -> str:
+def preprocess_path(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences, cfg: QuantConfig) -> str:
     """Which preprocessing `preprocess` runs: "resident" (CUDA, one cluster of CTAs per head holding its K
     and V in shared memory: up to kernels.RESIDENT_MAX_KEYS keys), "ticket" (CUDA, two phases) or
     "triton". QUANTATTN_HOPPER_RESIDENT=0 turns the resident one off; a GPU that cannot run its cluster
     of CTAs gets the ticketed one instead."""
-    if native_preprocess_reason(k, v, seqs) is not None:
+    if native_preprocess_reason(k, v, seqs, cfg) is not None:
         return "triton"
     if os.environ.get("QUANTATTN_HOPPER_RESIDENT", "1") != "0" and k.shape[2] <= kernels.RESIDENT_MAX_KEYS:
         return "resident"
@@ -80,7 +83,7 @@ def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Seque
     where it can read them, else by the Triton one (the same buffers; the values differ only by rounding:
     tests/gpu/test_hopper_preprocess_gpu.py)."""
     seqs = seqs or L.sequences(k, None, 0)
-    path = preprocess_path(k, v, seqs)
+    path = preprocess_path(k, v, seqs, cfg)
     if path == "triton":
         return L.preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
     if path == "resident":
@@ -182,7 +185,8 @@ def attention(
     p.v_max, p.v_min = kv.v_stats[1].data_ptr(), kv.v_stats[2].data_ptr()
     p.hq, p.hkv, p.nq, p.nk = hq, hkv, nq, nk
     p.qk_scale, p.sm_scale = sm_scale * LOG2E, sm_scale
-    spec = kernels.attention_spec(d, is_causal, kernels.ELEMENT[_dtype_name(q)])
+    per_thread = kv.cfg.qk_granularity == "per_thread"
+    spec = kernels.attention_spec(d, is_causal, kernels.ELEMENT[_dtype_name(q)], per_thread)
     device = _device_index(q)
     driver.ensure_context(device)
     grid = (-(-nq // kernels.ATTENTION_BLOCK_M), b * hq, 1)

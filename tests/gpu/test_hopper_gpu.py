@@ -45,6 +45,7 @@ KERNEL_VS_REFERENCE = 0.1
 DEV = "cuda"
 DEFAULT = QuantConfig()
 NO_SMOOTH_K = QuantConfig(smooth_k=False)
+PER_THREAD = QuantConfig(qk_granularity="per_thread")  # the official SageAttention2 sm90 kernel's QK scales
 
 
 # the Triton kernel tests' input makers and metric (tests/gpu is on sys.path under pytest's default import mode)
@@ -98,13 +99,14 @@ SEQ_LENS = [(1, 1), (100, 100), (128, 128), (1000, 1000), (4096, 4096), (77, 300
 @pytest.mark.parametrize("nq,nk", SEQ_LENS, ids=lambda n: str(n))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
-def test_matches_reference(nq, nk, causal, d):
+@pytest.mark.parametrize("cfg", [DEFAULT, PER_THREAD], ids=lambda c: c.qk_granularity)
+def test_matches_reference(nq, nk, causal, d, cfg):
     """Every length class: one key, partial blocks (100, 77, 300), whole blocks (128, 4096), Nq != Nk both
     ways with the bottom-right causal mask (Nq > Nk leaves rows that see no key: zeros)."""
-    check(*inputs(nq * 7 + nk + d, 2, 3, 3, nq, nk, d), is_causal=causal)
+    check(*inputs(nq * 7 + nk + d, 2, 3, 3, nq, nk, d), cfg, is_causal=causal)
 
 
-@pytest.mark.parametrize("cfg", [DEFAULT, NO_SMOOTH_K], ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [DEFAULT, NO_SMOOTH_K, PER_THREAD], ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -194,9 +196,10 @@ def test_kernel_only_entry_points_used_by_the_benchmark():
 # ---- non-finite inputs: where the reference puts NaN, and nowhere else ---------------------------------
 
 
+@pytest.mark.parametrize("cfg", [DEFAULT, PER_THREAD], ids=lambda c: c.qk_granularity)
 @pytest.mark.parametrize("where", ["q", "k"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_nan_spreads_as_in_the_reference(where, causal):
+def test_nan_spreads_as_in_the_reference(where, causal, cfg):
     """One NaN element in Q (row 100 of head 2) or K (key 300 of head 1). In the reference a row holding a
     non-finite element gets a NaN scale and smooth K's mean skips it, so NaN reaches the Q row only, and
     every row that sees the K row (all rows of head 1; rows 300 on when causal): the kernel must put NaN
@@ -206,8 +209,8 @@ def test_nan_spreads_as_in_the_reference(where, causal):
         q[0, 2, 100, 5] = float("nan")
     else:
         k[0, 1, 300, 0] = float("nan")
-    out = qa.sageattn(q, k, v, is_causal=causal, backend="hopper")
-    ref = qa.sageattn(q, k, v, is_causal=causal, backend="reference")
+    out = qa.sageattn(q, k, v, is_causal=causal, config=cfg, backend="hopper")
+    ref = qa.sageattn(q, k, v, is_causal=causal, config=cfg, backend="reference")
     assert torch.isnan(ref).any()  # the case does put NaN somewhere
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     fine = ~torch.isnan(ref)

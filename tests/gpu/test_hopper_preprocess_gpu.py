@@ -88,7 +88,7 @@ def check(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig = DEFAULT):
     seqs = L.sequences(k, None, 0)
     resident_allowed = os.environ.get("QUANTATTN_HOPPER_RESIDENT", "1") != "0"
     want = "resident" if resident_allowed and k.shape[2] <= RESIDENT_MAX_KEYS else "ticket"
-    assert launch.preprocess_path(k, v, seqs) == want
+    assert launch.preprocess_path(k, v, seqs, DEFAULT) == want
     copies = (k.clone(), v.clone())
     kv = launch.preprocess(k, v, cfg)
     b, h, n, d = k.shape
@@ -165,7 +165,7 @@ def test_strided_views_use_it_and_misaligned_ones_fall_back(cuda_path):
     k, v = big[1:, 1:5, 3:903, 16:144], big[:2, :4, 100:1000, 32:160]
     check(k, v)
     odd = big[:2, :4, 100:1000, 1:129]  # rows start 2 bytes past a 16-byte boundary
-    assert launch.native_preprocess_reason(odd, v, L.sequences(odd, None, 0)) is not None
+    assert launch.native_preprocess_reason(odd, v, L.sequences(odd, None, 0), DEFAULT) is not None
     kv = launch.preprocess(odd, v, QuantConfig())
     want = launch.preprocess(odd.contiguous(), v, QuantConfig())
     flips = (kv.k.float() - want.k.float()).abs()  # Triton's preprocessing against the CUDA one
