@@ -383,7 +383,8 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     if constexpr (PER_THREAD) {
       const float4 k4 = *reinterpret_cast<const float4*>(&sm.tail.ks[s][4 * lane]);
       per_key = __any_sync(0xFFFFFFFF, !(is_finite(k4.x) && is_finite(k4.y) && is_finite(k4.z) && is_finite(k4.w)));
-      if (!per_key) group[0] = sm.tail.ks[s][2 * t], group[1] = sm.tail.ks[s][64 + 2 * t];
+      // a group past the last key reads TMA's zero fill: any positive factor keeps its -inf scores -inf
+      if (!per_key) group[0] = fmaxf(sm.tail.ks[s][2 * t], 1e-30f), group[1] = fmaxf(sm.tail.ks[s][64 + 2 * t], 1e-30f);
     }
     if (per_key) {
 #pragma unroll

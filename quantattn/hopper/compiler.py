@@ -205,7 +205,10 @@ def private_dir(path: Path) -> str | None:
     try:
         for folder in [*reversed(path.parents), path]:
             if not folder.exists():
-                folder.mkdir(mode=0o700)  # each folder quantattn creates is the user's alone
+                try:
+                    folder.mkdir(mode=0o700)  # each folder quantattn creates is the user's alone
+                except FileExistsError:  # another thread or process made it first: checked below
+                    pass
     except OSError as exc:
         return f"cannot create {path}: {exc}"
     chain = [path, *[p for p in path.parents if p == root or root in p.parents]]

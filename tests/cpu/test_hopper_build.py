@@ -182,3 +182,14 @@ def test_hopper_backend_refuses_cpu_tensors():
     q, k, v = (torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16) for _ in range(3))
     with pytest.raises(RuntimeError, match="hopper"):
         qa.sageattn(q, k, v, backend="hopper")
+
+
+def test_a_folder_made_by_another_thread_meanwhile_is_fine(fake_compiler, monkeypatch):
+    """Threads compiling in parallel (python -m quantattn.hopper.build) race to create the cache folders:
+    a folder that appears between the look and the mkdir is checked like any other, not refused."""
+    compiler, calls = fake_compiler
+    compiler.cached_cubin("k0", "attention.cu", "kernel")  # the folders exist now
+    monkeypatch.setattr(type(compiler.cache_dir()), "exists", lambda self: False)  # as if made meanwhile
+    compiler.cached_cubin("k1", "attention.cu", "kernel")
+    assert not compiler._warned, compiler._warned
+    assert sorted(p.name for p in compiler.cache_dir().iterdir()) == ["k0.cubin", "k1.cubin"]
