@@ -22,29 +22,17 @@ namespace quantattn_hopper {
 constexpr int BLOCK_N = 128;  // keys per online-softmax step (config.KV_BLOCK)
 constexpr int BLOCK_M = 64;   // query rows per CTA: one warpgroup, one wgmma M
 constexpr int THREADS = 128;
-// The main loop comes in two shapes (PIPELINED, a template flag):
-// - in order: each CTA runs QK, softmax, PV of a key block one after the other; the tensor cores stay busy
-//   because 3 (head_dim 128) or 4 (64) CTAs per SM interleave. 2 K/V stages: the other CTAs hide what two
-//   do not.
-// - pipelined: QK of block j + 1 is issued before the softmax of block j, so that it runs under it; the
-//   second score tile needs 64 more registers, so 2 CTAs per SM, and 3 K/V stages so that block j + 1 was
-//   requested a whole step before it is needed.
-// CTAs per SM the registers are budgeted for, in order: 3 at head_dim 128 (65536 / (3 * 128) = 170 per
-// thread; o, the fresh PV accumulator and P need 144), 4 at head_dim 64 (128 per thread). Measured on the
-// H100 (session 7): 2 CTAs at 128 were 10% slower, 4 CTAs at 64 were 7-11% faster than 3.
-template <int D, bool PIPELINED>
+constexpr int STAGES = 2;     // K/V stages per CTA: the other CTAs on the SM hide what two do not
+// CTAs per SM the registers are budgeted for: 3 at head_dim 128 (65536 / (3 * 128) = 170 per thread; o,
+// the fresh PV accumulator and P need 144), 4 at head_dim 64 (128 per thread). Measured on the H100
+// (session 7): 2 CTAs at 128 were 10% slower, 4 CTAs at 64 were 7-11% faster than 3.
+template <int D>
 constexpr int ctas_per_sm() {
-  return PIPELINED ? 2 : D == 128 ? 3 : 4;
-}
-template <bool PIPELINED>
-constexpr int stages() {
-  return PIPELINED ? 3 : 2;
+  return D == 128 ? 3 : 4;
 }
 template <int S>
 using Stage = Int<S>;
-struct RuntimeStage {  // a stage index known at run time only (Stage<S>'s `value` is a constant)
-  int value;
-};
+static_assert(STAGES == 2, "the unrolled loop below walks two stages");
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // P is scaled inside the exponent: exp2(x + log2 448)
 
 struct Params {
@@ -191,7 +179,7 @@ __device__ __forceinline__ float saturate(float x) {
 
 // The small members after the tiles, apart so that their size is known at compile time: NVRTC has no
 // constant offsetof.
-template <int D, int STAGES>
+template <int D>
 struct SmemTail {
   alignas(16) float ks[STAGES][BLOCK_N];
   // the output's per-channel factor, amax_V / 448: loaded while the first keys arrive, so that the
@@ -201,7 +189,7 @@ struct SmemTail {
   uint64_t empty[STAGES];  // every warp is done with a stage (one arrival per warp)
 };
 
-template <int D, int STAGES>
+template <int D>
 struct Smem {
   static constexpr int K_TILE = BLOCK_N * D;  // int8 [keys][D]
   static constexpr int V_TILE = D * BLOCK_N;  // fp8 [D][keys]
@@ -212,23 +200,19 @@ struct Smem {
   // A operands for Q were tried first (session 4): ptxas 13.0 gave the registers of Q, live across the
   // loop, to P.
   alignas(1024) uint8_t q[BLOCK_M * D];
-  SmemTail<D, STAGES> tail;  // at offset TILES: the tiles are multiples of 1024 bytes
+  SmemTail<D> tail;  // at offset TILES: the tiles are multiples of 1024 bytes
 };
 
 // Bytes of Smem<D> up to its last member (sizeof rounds up to the 1024-byte alignment), plus the slack
 // that aligns the dynamic buffer: 3 CTAs of head_dim 128 must fit in the SM's 228 KiB. The launcher
 // (quantattn/hopper/kernels.py) computes the same number.
-template <int D, int STAGES>
+template <int D>
 constexpr int smem_bytes() {
-  return Smem<D, STAGES>::TILES + int(sizeof(SmemTail<D, STAGES>)) + 1024;
+  return Smem<D>::TILES + int(sizeof(SmemTail<D>)) + 1024;
 }
-template <int D, int S>
-constexpr bool smem_formula_holds() {  // quantattn/hopper/kernels.py: attention_smem_bytes launches with it
-  return Smem<D, S>::TILES % 1024 == 0 && smem_bytes<D, S>() == (256 * S + 68) * D + 528 * S + 1024;
-}
-static_assert(smem_formula_holds<128, 2>() && smem_formula_holds<64, 2>() && smem_formula_holds<128, 3>() &&
-                  smem_formula_holds<64, 3>(),
-              "the tail follows the tiles, and the launcher's formula is this size");
+static_assert(Smem<128>::TILES % 1024 == 0 && Smem<64>::TILES % 1024 == 0, "the tail follows the tiles");
+static_assert(smem_bytes<128>() == 580 * 128 + 2080 && smem_bytes<64>() == 580 * 64 + 2080,
+              "quantattn/hopper/kernels.py: attention_smem_bytes launches with this formula");
 
 // ---------------------------------------------------------------------------------------------
 // Q: the CTA's 64 rows, loaded from global memory into registers in the A-fragment layout of the QK
@@ -305,15 +289,12 @@ struct QRows {
 // PER_THREAD: QK scale groups of quantattn's "per_thread" granularity (reference/quant.py): a thread's two
 // query rows share one Q scale, and its keys of a 64-key block (8j + 2t + {0, 1}) one K scale, so that
 // the scales fold into the exponent's FFMA instead of a multiply per score.
-template <int D, bool CAUSAL, typename T, bool PER_THREAD, bool PIPELINED>
-__global__ void __launch_bounds__(THREADS, (ctas_per_sm<D, PIPELINED>()))
-    sage_attention_hopper(const __grid_constant__ Params p) {
-  constexpr int STAGES = stages<PIPELINED>();
+template <int D, bool CAUSAL, typename T, bool PER_THREAD>
+__global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopper(const __grid_constant__ Params p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // swizzled TMA tiles want 1024-byte alignment, which the dynamic buffer is not promised
   const uint32_t misalign = smem_u32(smem_raw) & 1023;
-  using SmemT = Smem<D, STAGES>;
-  SmemT& sm = *reinterpret_cast<SmemT*>(smem_raw + (misalign ? 1024 - misalign : 0));
+  Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw + (misalign ? 1024 - misalign : 0));
 
   // causal: the longest query blocks first, so that the short ones fill the tail of the launch
   const int m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
@@ -334,7 +315,7 @@ __global__ void __launch_bounds__(THREADS, (ctas_per_sm<D, PIPELINED>()))
   const int rl = warp * 16 + lane / 4;  // the thread's rows in the CTA's 64: rl and rl + 8
   const int r0 = m0 + rl;
 
-  constexpr uint32_t STAGE_BYTES = SmemT::K_TILE + SmemT::V_TILE + BLOCK_N * 4;
+  constexpr uint32_t STAGE_BYTES = Smem<D>::K_TILE + Smem<D>::V_TILE + BLOCK_N * 4;
   auto load_stage = [&](int s, int j) {  // thread 0 only
     mbar_expect_tx(&sm.tail.full[s], STAGE_BYTES);
     tma_load_3d(sm.k[s], &p.tm_k, &sm.tail.full[s], 0, j * BLOCK_N, bh_kv);
@@ -374,37 +355,29 @@ __global__ void __launch_bounds__(THREADS, (ctas_per_sm<D, PIPELINED>()))
   // address field (shared addresses stay below 2^18, so it never carries into the rest).
   const uint64_t desc_q = smem_desc<D>(sm.q, 0), desc_k = smem_desc<D>(sm.k[0], 0);
   const uint64_t desc_v = smem_desc<128>(sm.v[0], 0);
-  constexpr uint32_t K_STAGE = SmemT::K_TILE / 16, V_STAGE = SmemT::V_TILE / 16;
+  constexpr uint32_t K_STAGE = Smem<D>::K_TILE / 16, V_STAGE = Smem<D>::V_TILE / 16;
 
   // One key block: S = QK^T, the online softmax, fresh = PV, o updated. The loop below is unrolled by
   // STAGES so that the stage is a compile-time constant: its descriptors then cost no arithmetic per
   // block (+3% measured, session 7).
-  // S = Q K^T (INT8 -> INT32), 64 x 128, of the block in stage s, issued once its tiles have landed
-  auto issue_qk = [&](int32_t(&acc_s)[64], int j, auto stage) {
-    const int s = stage.value;  // a constant for Stage<S>, a register for RuntimeStage
+  auto step = [&](int j, auto stage) {
+    constexpr int s = decltype(stage)::value;
     mbar_wait(&sm.tail.full[s], (j / STAGES) & 1);
+
+    // S = Q K^T (INT8 -> INT32), 64 x 128
+    int32_t acc_s[64];
     wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < D / 32; ++k) {
-      if (PIPELINED && k == 0) {  // the tile's old scores need not live until here
-        wgmma_s8_n128_ss_overwrite(acc_s, desc_q, desc_k + s * K_STAGE);
-      } else {
-        wgmma_s8_n128_ss(acc_s, desc_q + 2 * k, desc_k + s * K_STAGE + 2 * k, k > 0);
-      }
-    }
+    for (int k = 0; k < D / 32; ++k) wgmma_s8_n128_ss(acc_s, desc_q + 2 * k, desc_k + s * K_STAGE + 2 * k, k > 0);
     wgmma_commit();
-  };
+    wgmma_wait<0>();
+    fence_regs(acc_s);
 
-  // The online softmax of block j (its scores in acc_s): the running max and row sums updated, 448 * P
-  // as this thread's A fragments of the PV product, alpha the factor that rescales o
-  auto softmax = [&](int32_t(&acc_s)[64], int j, auto stage, uint32_t(&pa)[4][4], float(&alpha)[2]) {
-    const int s = stage.value;  // a constant for Stage<S>, a register for RuntimeStage
-
-    // scores, in place of the integer products (a second array of 64 would not fit the pipelined
-    // loop's registers), in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max).
+    // scores in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max).
     // PER_THREAD: s = qk, and group[g] the K scale of the thread's keys in 64-key half g, unless a key of
     // the block has a non-finite element (NaN scale: rare); then per key, so that NaN reaches exactly the
     // scores of that key, as in the reference.
+    float sc[64];
     float group[2] = {1.f, 1.f};
     bool per_key = !PER_THREAD;
     if constexpr (PER_THREAD) {
@@ -417,14 +390,14 @@ __global__ void __launch_bounds__(THREADS, (ctas_per_sm<D, PIPELINED>()))
 #pragma unroll
       for (int cc = 0; cc < 16; ++cc) {
         const float2 ks = *reinterpret_cast<const float2*>(&sm.tail.ks[s][8 * cc + 2 * t]);
-        acc_s[4 * cc + 0] = __float_as_int(__int2float_rn(acc_s[4 * cc + 0]) * ks.x);
-        acc_s[4 * cc + 1] = __float_as_int(__int2float_rn(acc_s[4 * cc + 1]) * ks.y);
-        acc_s[4 * cc + 2] = __float_as_int(__int2float_rn(acc_s[4 * cc + 2]) * ks.x);
-        acc_s[4 * cc + 3] = __float_as_int(__int2float_rn(acc_s[4 * cc + 3]) * ks.y);
+        sc[4 * cc + 0] = __int2float_rn(acc_s[4 * cc + 0]) * ks.x;
+        sc[4 * cc + 1] = __int2float_rn(acc_s[4 * cc + 1]) * ks.y;
+        sc[4 * cc + 2] = __int2float_rn(acc_s[4 * cc + 2]) * ks.x;
+        sc[4 * cc + 3] = __int2float_rn(acc_s[4 * cc + 3]) * ks.y;
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) acc_s[i] = __float_as_int(__int2float_rn(acc_s[i]));
+      for (int i = 0; i < 64; ++i) sc[i] = __int2float_rn(acc_s[i]);
     }
     if (j >= full_blocks_end) {
 #pragma unroll
@@ -432,16 +405,16 @@ __global__ void __launch_bounds__(THREADS, (ctas_per_sm<D, PIPELINED>()))
         const int key = j * BLOCK_N + 8 * (i / 4) + 2 * t + (i % 2);
         const int row = r0 + 8 * ((i / 2) % 2);
         const bool visible = key < p.nk && (!CAUSAL || key <= row + shift);
-        acc_s[i] = __float_as_int(visible ? __int_as_float(acc_s[i]) : -INFINITY);
+        sc[i] = visible ? sc[i] : -INFINITY;
       }
     }
-    float m_safe[2];
+    float m_safe[2], alpha[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       // a tree, not a chain: the chain's latency is not hidden
       float mx[16];
 #pragma unroll
-      for (int cc = 0; cc < 16; ++cc) mx[cc] = fmaxf(__int_as_float(acc_s[4 * cc + 2 * hh]), __int_as_float(acc_s[4 * cc + 2 * hh + 1]));
+      for (int cc = 0; cc < 16; ++cc) mx[cc] = fmaxf(sc[4 * cc + 2 * hh], sc[4 * cc + 2 * hh + 1]);
       float m_blk;
       if constexpr (PER_THREAD) {  // each 64-key half (cc < 8, cc >= 8) apart: their scales differ
 #pragma unroll
@@ -468,6 +441,8 @@ __global__ void __launch_bounds__(THREADS, (ctas_per_sm<D, PIPELINED>()))
     const float to_exp[2][2] = {{q.scale[0] * group[0], q.scale[0] * group[1]},
                                 {q.scale[1] * group[0], q.scale[1] * group[1]}};
     float rowsum[2] = {0.f, 0.f};
+    uint32_t pa[4][4];
+    float fresh[ACC];  // fresh = P V (FP8, the tensor cores' FP32 accumulator), then added to o in FP32
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
 #pragma unroll
@@ -476,43 +451,29 @@ __global__ void __launch_bounds__(THREADS, (ctas_per_sm<D, PIPELINED>()))
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) pv[2 * cc + e] = ex2(fmaf(__int_as_float(acc_s[4 * (4 * k + cc) + 2 * hh + e]), to_exp[hh][k / 2], m_exp[hh]));
+          for (int e = 0; e < 2; ++e) pv[2 * cc + e] = ex2(fmaf(sc[4 * (4 * k + cc) + 2 * hh + e], to_exp[hh][k / 2], m_exp[hh]));
         }
         rowsum[hh] += ((pv[0] + pv[1]) + (pv[2] + pv[3])) + ((pv[4] + pv[5]) + (pv[6] + pv[7]));
         pa[k][hh] = e4m3x2(pv[0], pv[1]) | (e4m3x2(pv[2], pv[3]) << 16);
         pa[k][2 + hh] = e4m3x2(pv[4], pv[5]) | (e4m3x2(pv[6], pv[7]) << 16);
       }
     }
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) l_part[hh] = l_part[hh] * alpha[hh] + rowsum[hh];
-  };
-
-  // fresh = P V (FP8, the tensor cores' FP32 accumulator), later added to o in FP32. Issuing the PV
-  // product in two halves (the second half's exponentials under the first) or the QK product in two (the
-  // first half's conversions under the second) measured no faster: session 7.
-  auto issue_pv = [&](float(&fresh)[D / 2], uint32_t(&pa)[4][4], auto stage) {
-    const int s = stage.value;  // a constant for Stage<S>, a register for RuntimeStage
+    // Issuing the PV product in two halves (the second half's exponentials under the first) or the QK
+    // product in two (the first half's conversions under the second) measured no faster: session 7.
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      if (PIPELINED && k == 0) {  // fresh need not be live before it is written
-        if constexpr (D == 128) {
-          wgmma_e4m3_n128_rs_overwrite(fresh, pa[k], desc_v + s * V_STAGE);
-        } else {
-          wgmma_e4m3_n64_rs_overwrite(fresh, pa[k], desc_v + s * V_STAGE);
-        }
-      } else if constexpr (D == 128) {
+      if constexpr (D == 128) {
         wgmma_e4m3_n128_rs(fresh, pa[k], desc_v + s * V_STAGE + 2 * k, k > 0);
       } else {
         wgmma_e4m3_n64_rs(fresh, pa[k], desc_v + s * V_STAGE + 2 * k, k > 0);
       }
     }
     wgmma_commit();
-  };
-
-  // after PV of block j completed: its stage handed back to the loader, o rescaled and fresh added
-  auto retire = [&](int j, auto stage, float(&fresh)[D / 2], const float(&alpha)[2]) {
-    const int s = stage.value;  // a constant for Stage<S>, a register for RuntimeStage
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) l_part[hh] = l_part[hh] * alpha[hh] + rowsum[hh];
+    wgmma_wait<0>();
+    fence_regs(fresh);
     if (lane == 0) mbar_arrive(&sm.tail.empty[s]);
 #pragma unroll
     for (int i = 0; i < ACC; ++i) o[i] = fmaf(o[i], alpha[(i / 2) % 2], fresh[i]);
@@ -521,65 +482,13 @@ __global__ void __launch_bounds__(THREADS, (ctas_per_sm<D, PIPELINED>()))
       load_stage(s, j + STAGES);
     }
   };
-
-  // The loops are unrolled by STAGES so that the stage is a compile-time constant: its descriptors then
-  // cost no arithmetic per block (+3% measured, session 7).
-  if constexpr (!PIPELINED) {
-    auto step = [&](int j, auto stage) {
-      int32_t acc_s[64];
-      issue_qk(acc_s, j, stage);
-      wgmma_wait<0>();
-      fence_regs(acc_s);
-      uint32_t pa[4][4];
-      float alpha[2], fresh[ACC];
-      softmax(acc_s, j, stage, pa, alpha);
-      issue_pv(fresh, pa, stage);
-      wgmma_wait<0>();
-      fence_regs(fresh);
-      retire(j, stage, fresh, alpha);
-    };
-    int j = 0;
-    for (; j + 1 < n_blocks; j += 2) {
-      step(j, Stage<0>{});
-      step(j + 1, Stage<1>{});
-    }
-    if (j < n_blocks) step(j, Stage<0>{});
-  } else {
-    // Scores of block j in acc[j % 2]: block j + 1's QK product runs while block j's softmax does. The
-    // tile is a compile-time index (register arrays), the stage a run-time one (3 stages and 2 tiles
-    // would unroll by 6). The QK issue must not be conditional inside a step: where it might not happen
-    // the tile's old scores would have to stay alive, and the registers do not hold both tiles twice.
-    int32_t acc[2][64];
-    auto step = [&](int j, auto tile, auto has_next) {
-      constexpr int a = decltype(tile)::value;
-      const RuntimeStage stage{j % STAGES};
-      if constexpr (decltype(has_next)::value) issue_qk(acc[1 - a], j + 1, RuntimeStage{(j + 1) % STAGES});
-      uint32_t pa[4][4];
-      float alpha[2], fresh[ACC];
-      softmax(acc[a], j, stage, pa, alpha);
-      issue_pv(fresh, pa, stage);
-      wgmma_wait<0>();
-      fence_regs(fresh);
-      if constexpr (decltype(has_next)::value) fence_regs(acc[1 - a]);
-      retire(j, stage, fresh, alpha);
-    };
-    if (n_blocks > 0) {
-      issue_qk(acc[0], 0, Stage<0>{});
-      wgmma_wait<0>();
-      fence_regs(acc[0]);
-    }
-    int j = 0;
-    for (; j + 2 < n_blocks; j += 2) {
-      step(j, Int<0>{}, Int<1>{});
-      step(j + 1, Int<1>{}, Int<1>{});
-    }
-    if (j + 2 == n_blocks) {
-      step(j, Int<0>{}, Int<1>{});
-      step(j + 1, Int<1>{}, Int<0>{});
-    } else if (j + 1 == n_blocks) {
-      step(j, Int<0>{}, Int<0>{});
-    }
+  int j = 0;
+  for (; j + 1 < n_blocks; j += 2) {
+    step(j, Stage<0>{});
+    step(j + 1, Stage<1>{});
   }
+  if (j < n_blocks) step(j, Stage<0>{});
+
   // ---- epilogue: normalize, undo V's scale, store ----
   // one reciprocal per row instead of an IEEE division per element: within 2 ulp of o / l * amax / 448,
   // far below the output's rounding

@@ -24,10 +24,9 @@ RESIDENT_MAX_KEYS = RESIDENT_KEYS * MAX_CLUSTER
 ELEMENT = {"bfloat16": "bf16", "float16": "f16"}  # torch dtype name -> the kernels' element type
 
 
-def attention_smem_bytes(d: int, stages: int) -> int:
-    """attention.cu's smem_bytes<D, STAGES>(): K/V stages, Q, key scales, V factors, barriers, alignment
-    slack (the source static_asserts this formula)."""
-    return (256 * stages + 68) * d + 528 * stages + 1024
+def attention_smem_bytes(d: int) -> int:
+    """attention.cu's smem_bytes<D>(): K/V stages, Q, key scales, V factors, barriers, alignment slack."""
+    return 580 * d + 2080
 
 
 def resident_smem_bytes(d: int) -> int:
@@ -81,17 +80,14 @@ class Spec:
 
 
 @functools.cache
-def attention_spec(d: int, causal: bool, element: str, per_thread: bool = False, pipelined: bool = False) -> Spec:
-    """per_thread: QK scales of the "per_thread" granularity, else "per_token". pipelined: the main loop
-    that issues block j + 1's QK product before block j's softmax (2 CTAs per SM, 3 stages)."""
-    flags = ("_per_thread" if per_thread else "") + ("_pipelined" if pipelined else "")
-    cpp = lambda b: str(b).lower()  # noqa: E731
+def attention_spec(d: int, causal: bool, element: str, per_thread: bool = False) -> Spec:
+    """per_thread: QK scales of the "per_thread" granularity, else "per_token"."""
     return Spec(
-        f"attention_d{d}_{'causal' if causal else 'full'}_{element}{flags}",
+        f"attention_d{d}_{'causal' if causal else 'full'}_{element}{'_per_thread' if per_thread else ''}",
         "attention.cu",
-        f"quantattn_hopper::sage_attention_hopper<{d}, {cpp(causal)}, quantattn_hopper::{element}, "
-        f"{cpp(per_thread)}, {cpp(pipelined)}>",
-        shared_bytes=attention_smem_bytes(d, 3 if pipelined else 2),
+        f"quantattn_hopper::sage_attention_hopper<{d}, {str(causal).lower()}, quantattn_hopper::{element}, "
+        f"{str(per_thread).lower()}>",
+        shared_bytes=attention_smem_bytes(d),
     )
 
 
@@ -112,8 +108,7 @@ def all_specs() -> list[Spec]:
     specs = []
     for d in (64, 128):
         for element in ELEMENT.values():
-            specs += [attention_spec(d, c, element, pt, pipe) for c in (False, True) for pt in (False, True)
-                      for pipe in (False, True)]  # fmt: skip
+            specs += [attention_spec(d, c, element, pt) for c in (False, True) for pt in (False, True)]
             specs += [preprocess_spec(d, element, s, r) for s in (False, True) for r in (False, True)]
     return specs
 

@@ -21,9 +21,6 @@ HEAD_DIMS = (64, 128)
 MAX_CHUNKS = L.MAX_CHUNKS
 LAG_CHUNKS = L.LAG_CHUNKS
 DTYPES = (torch.float16, torch.bfloat16)
-# The main loop per head_dim: in order (several CTAs per SM interleave) or pipelined (QK of the next key
-# block under the softmax of this one, 2 CTAs per SM). docs/perf-notes.md (session 9) has the A/B.
-PIPELINED = {64: False, 128: False}
 QK_GRANULARITIES = ("per_token", "per_thread")
 
 
@@ -189,7 +186,7 @@ def attention(
     p.hq, p.hkv, p.nq, p.nk = hq, hkv, nq, nk
     p.qk_scale, p.sm_scale = sm_scale * LOG2E, sm_scale
     per_thread = kv.cfg.qk_granularity == "per_thread"
-    spec = kernels.attention_spec(d, is_causal, kernels.ELEMENT[_dtype_name(q)], per_thread, PIPELINED[d])
+    spec = kernels.attention_spec(d, is_causal, kernels.ELEMENT[_dtype_name(q)], per_thread)
     device = _device_index(q)
     driver.ensure_context(device)
     grid = (-(-nq // kernels.ATTENTION_BLOCK_M), b * hq, 1)

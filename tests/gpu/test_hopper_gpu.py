@@ -100,19 +100,10 @@ SEQ_LENS = [(1, 1), (100, 100), (128, 128), (1000, 1000), (4096, 4096), (77, 300
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("cfg", [DEFAULT, PER_THREAD], ids=lambda c: c.qk_granularity)
-def test_matches_reference(nq, nk, causal, d, cfg, main_loop):
+def test_matches_reference(nq, nk, causal, d, cfg):
     """Every length class: one key, partial blocks (100, 77, 300), whole blocks (128, 4096), Nq != Nk both
-    ways with the bottom-right causal mask (Nq > Nk leaves rows that see no key: zeros); both main loops."""
+    ways with the bottom-right causal mask (Nq > Nk leaves rows that see no key: zeros)."""
     check(*inputs(nq * 7 + nk + d, 2, 3, 3, nq, nk, d), cfg, is_causal=causal)
-
-
-@pytest.fixture(params=["in_order", "pipelined"])
-def main_loop(request, monkeypatch):
-    """Runs a test with each of the kernel's main loops (launch.PIPELINED per head_dim)."""
-    from quantattn.hopper import launch
-
-    monkeypatch.setattr(launch, "PIPELINED", {d: request.param == "pipelined" for d in launch.HEAD_DIMS})
-    return request.param
 
 
 @pytest.mark.parametrize("cfg", [DEFAULT, NO_SMOOTH_K, PER_THREAD], ids=lambda c: c.name)
@@ -208,7 +199,7 @@ def test_kernel_only_entry_points_used_by_the_benchmark():
 @pytest.mark.parametrize("cfg", [DEFAULT, PER_THREAD], ids=lambda c: c.qk_granularity)
 @pytest.mark.parametrize("where", ["q", "k"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_nan_spreads_as_in_the_reference(where, causal, cfg, main_loop):
+def test_nan_spreads_as_in_the_reference(where, causal, cfg):
     """One NaN element in Q (row 100 of head 2) or K (key 300 of head 1). In the reference a row holding a
     non-finite element gets a NaN scale and smooth K's mean skips it, so NaN reaches the Q row only, and
     every row that sees the K row (all rows of head 1; rows 300 on when causal): the kernel must put NaN
