@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantattn.backends import speed_table
+from quantattn.backends.sdpa import AUTO_SDPA, AUTO_SDPA_MESSAGE, SdpaBackend, count_fallback
 from quantattn.config import QuantConfig
 from quantattn.reference.attention import sage_attention_reference
 
@@ -190,12 +192,17 @@ class HopperBackend:
 
 BACKENDS = {"hopper": HopperBackend(), "triton": TritonBackend(), "reference": ReferenceBackend()}
 AUTO_ORDER = ("hopper", "triton")
+# "auto": the first quantized backend of AUTO_ORDER that takes the call, or torch's SDPA where this GPU's
+# speed table measured SDPA faster for the call's shape class (quantattn.backends.speed_table);
+# "quantized": the same choice without torch's SDPA (for measuring quantattn itself).
+REQUESTS = ("auto", "quantized", *BACKENDS)
 
 
 def select_backend(call: AttentionCall, requested: str):
-    if requested not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
-    if requested != "auto":
+    """The backend that runs `call`: a BACKENDS entry, or AUTO_SDPA (torch's SDPA) for "auto" only."""
+    if requested not in REQUESTS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, REQUESTS))}; got {requested!r}")
+    if requested in BACKENDS:
         backend = BACKENDS[requested]
         reasons = backend.reasons(call)
         if reasons:
@@ -210,6 +217,11 @@ def select_backend(call: AttentionCall, requested: str):
             continue
         reasons = BACKENDS[name].reasons(call)
         if not reasons:
+            if requested == "auto":
+                why_sdpa = speed_table.sdpa_reason(call, name)
+                if why_sdpa is not None:
+                    count_fallback(why_sdpa, AUTO_SDPA_MESSAGE)
+                    return AUTO_SDPA
             return BACKENDS[name]
         refusals.append(f"{name}: {'; '.join(reasons)}")
     raise RuntimeError(
@@ -219,10 +231,13 @@ def select_backend(call: AttentionCall, requested: str):
 
 
 __all__ = [
+    "AUTO_SDPA",
     "AttentionCall",
     "BACKENDS",
     "HopperBackend",
+    "REQUESTS",
     "ReferenceBackend",
+    "SdpaBackend",
     "TritonBackend",
     "device_capability",
     "select_backend",

@@ -31,6 +31,7 @@ QUICK_TIMING = {"min_repeats": 30, "max_repeats": 100, "target_s": 0.1}
 FULL_TIMING = {"min_repeats": timing.MIN_REPEATS, "max_repeats": timing.MAX_REPEATS, "target_s": timing.TARGET_S}
 EXIT_NO_GPU = 2
 EXIT_FAILED = 1
+SPEED_TABLE_DEFAULT = Path("<auto's location>")  # --write-speed-table without a PATH
 
 
 def _implementations(text: str) -> list[str]:
@@ -100,6 +101,13 @@ def parser() -> argparse.ArgumentParser:
         "--from-json", type=Path, nargs="+", metavar="FILE",
         help="measure nothing: print the table of saved results and draw their chart (several files are merged and the "
         "merge is saved too); no GPU needed",
+    )  # fmt: skip
+    p.add_argument(
+        "--write-speed-table", nargs="?", const=SPEED_TABLE_DEFAULT, type=Path, metavar="PATH",
+        help="also write the speed table that backend='auto' reads (where torch SDPA beat quantattn's whole call) "
+        "from this run's results, or with --from-json from the given files (each one run, of one GPU model); PATH: "
+        "a .json file or a folder (default: the location auto reads first, $QUANTATTN_SPEED_TABLE_DIR or "
+        "~/.cache/quantattn/speed_tables/)",
     )  # fmt: skip
     p.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda",
@@ -172,7 +180,26 @@ def draw(json_paths, png_path: Path) -> None:
         print(f"chart failed ({type(exc).__name__}: {exc}); the JSON holds every number")
 
 
+def write_speed_table(target: Path, docs: list[dict], sources: list[str]) -> int:
+    """--write-speed-table: the table of these runs (quantattn.bench.speed_table), at the chosen path."""
+    from quantattn.bench import speed_table
+
+    try:
+        table = speed_table.table_from_results(docs, sources)
+    except ValueError as exc:
+        print(f"no speed table written: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    path = speed_table.resolve_path(None if target == SPEED_TABLE_DEFAULT else target, table["device"])
+    speed_table.write_table(table, path)
+    print(f"\n{speed_table.describe(table)}\nspeed table: {path}")
+    return 0
+
+
 def from_json(args: argparse.Namespace) -> int:
+    if args.write_speed_table is not None:
+        docs = [report.load(p) for p in args.from_json]  # one run each: ratios are taken within a run
+        if write_speed_table(args.write_speed_table, docs, [str(p) for p in args.from_json]):
+            return EXIT_FAILED
     result = report.load(args.from_json)
     print(report.format_table(result))
     if len(args.from_json) > 1:
@@ -252,4 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if broken is not None:
         print(f"the run stopped early: {broken}", file=sys.stderr)
+    if args.write_speed_table is not None and settings.device == "cuda":
+        failed = write_speed_table(args.write_speed_table, [result], [str(json_path)]) != 0 or failed
     return EXIT_FAILED if failed or broken is not None else 0
