@@ -240,7 +240,7 @@ def from_json(args: argparse.Namespace) -> int:
 GRID_OPTIONS = {
     "head_dims": "--head-dims", "seq_lens": "--seq-lens", "causal": "--causal", "variants": "--variants",
     "quick": "--quick", "from_json": "--from-json", "write_speed_table": "--write-speed-table",
-    "no_accuracy": "--no-accuracy", "stop_after": "--stop-after",
+    "no_accuracy": "--no-accuracy", "stop_after": "--stop-after", "repeats": "--repeats",
 }  # fmt: skip
 
 

@@ -129,7 +129,7 @@ def test_write_and_load_round_trip(tmp_path):
     assert G.resolve_path(None, H100) == T.user_dir() / "nvidia-h100-80gb-hbm3.json"
 
 
-def test_the_shipped_h100_table_is_the_session8_results():
+def test_the_shipped_h100_table_regenerates_from_the_results_it_names():
     """Regenerating it from the committed results gives the committed file (the command in the Makefile)."""
     shipped = json.loads((T.SHIPPED_DIR / "nvidia-h100-80gb-hbm3.json").read_text())
     files = [s["file"] for s in shipped["sources"]]
