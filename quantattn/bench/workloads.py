@@ -237,6 +237,14 @@ def measure(w: Workload, device: str = "cuda", warmups: int = timing.WARMUPS, lo
     rec = {**asdict(w), "shape": w.shape, "ops": w.ops, "input_sets": w.input_sets, "results": {}}
     sets = _inputs(w, device)
     backend = quantattn_backend(w, device)
+    refused = None
+    if backend == "hopper":
+        try:
+            quantattn.sageattn(*sets[0], is_causal=w.causal, backend="hopper")
+        except RuntimeError as exc:  # the Hopper backend refuses this shape: auto's other quantized kernel
+            if "cannot run this call" not in str(exc):
+                raise
+            backend, refused = "quantized", str(exc)
 
     def quantized(q, k, v):
         return quantattn.sageattn(q, k, v, is_causal=w.causal, backend=backend)
@@ -249,6 +257,8 @@ def measure(w: Workload, device: str = "cuda", warmups: int = timing.WARMUPS, lo
             if name == "quantattn":
                 res = time_back_to_back(quantized, sets, warmups=warmups, device=device)
                 res["backend"] = backend
+                if refused:
+                    res["hopper_refused"] = refused
             elif name == "sdpa-cudnn":
                 fn, arg_sets, note = _sdpa_cudnn(w, device, sets)
                 res = time_back_to_back(fn, arg_sets, warmups=warmups, device=device)
