@@ -162,3 +162,11 @@ def test_cli_runs_custom_workloads_on_the_cpu_and_prints_the_table_last(tmp_path
     assert rec["heads_kv"] == 2 and rec["results"]["auto"]["path"] == "quantattn kernel" and timed == ["cpu"] * 3
     assert cli.main(["--from-json", str(path)]) == 0
     assert "| custom 1,4,2,64,32,1 |" in capsys.readouterr().out
+
+
+def test_a_shape_the_hopper_backend_refuses_runs_the_quantized_choice(monkeypatch):
+    monkeypatch.setattr(W, "quantattn_backend", lambda w, device: "hopper")  # on the CPU, hopper refuses
+    monkeypatch.setattr(W, "time_back_to_back", lambda fn, sets, **kw: fn(*sets[0]) is None or {"us": 1.0, "groups": 1})
+    rec = W.measure(W.parse_workload("1,2,2,32,16,0"), device="cpu", warmups=0, log=lambda text: None)
+    quant = rec["results"]["quantattn"]
+    assert quant["backend"] == "quantized" and "cannot run this call" in quant["hopper_refused"]
