@@ -321,7 +321,8 @@ def format_row_text(rec: dict) -> str:
 
 
 def format_markdown(doc: dict) -> str:
-    """The run's markdown table: one row per workload, then the errors."""
+    """The run's markdown table: one row per workload, then the errors. "auto / faster": auto's time over the
+    faster of quantattn and cuDNN (about 1.00 when auto took the faster path)."""
     meta = doc.get("metadata", {})
     versions = ", ".join(f"{k} {meta[k]}" for k in ("torch", "triton", "cuda") if meta.get(k))
     lines = [
@@ -329,8 +330,8 @@ def format_markdown(doc: dict) -> str:
         + (f" ({versions})" if versions else "")
         + ", bf16 HND, whole call, per-call time of back-to-back calls (median over groups)",
         "",
-        "| workload | shape | quantattn µs | cuDNN µs | quantattn speed over cuDNN | auto µs (path) |",
-        "|---|---|---|---|---|---|",
+        "| workload | shape | quantattn µs | cuDNN µs | quantattn speed over cuDNN | auto µs (path) | auto / faster |",
+        "|---|---|---|---|---|---|---|",
     ]
     errors = []
     for rec in doc["workloads"]:
@@ -342,7 +343,8 @@ def format_markdown(doc: dict) -> str:
         speed = f"{rec['speedup_vs_cudnn']:.2f}×" if rec.get("speedup_vs_cudnn") else "-"
         auto = r.get("auto", {})
         a_cell = _us(auto) + (f" ({auto['path']})" if "path" in auto else "")
-        lines.append(f"| {rec['name']} | {rec['shape']} | {q_cell} | {c_cell} | {speed} | {a_cell} |")
+        best = f"{rec['auto_vs_best']:.2f}" if rec.get("auto_vs_best") else "-"
+        lines.append(f"| {rec['name']} | {rec['shape']} | {q_cell} | {c_cell} | {speed} | {a_cell} | {best} |")
         errors += [f"{rec['name']}, {n}: {res['error']}" for n, res in r.items() if "error" in res]
     lines += [f"\n! {e.splitlines()[0][:200]}" for e in errors]
     return "\n".join(lines)

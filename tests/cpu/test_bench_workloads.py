@@ -131,13 +131,15 @@ def test_markdown_table_with_fake_timings():
     text = W.format_markdown(doc)
     lines = text.splitlines()
     assert "NVIDIA H100 80GB HBM3 (torch 2.11.0, cuda 13.0)" in lines[0]
-    assert lines[2] == "| workload | shape | quantattn µs | cuDNN µs | quantattn speed over cuDNN | auto µs (path) |"
-    assert "| Flux 1024 px | B1 H24 N4608 d128 | 1220 (hopper) | 1000 | 0.82× | 1001 (torch SDPA) |" in lines
+    assert lines[2] == (
+        "| workload | shape | quantattn µs | cuDNN µs | quantattn speed over cuDNN | auto µs (path) | auto / faster |"
+    )
+    assert "| Flux 1024 px | B1 H24 N4608 d128 | 1220 (hopper) | 1000 | 0.82× | 1001 (torch SDPA) | 1.00 |" in lines
     assert (
         "| Llama-3-8B prefill 8K | B1 H32/8 N8192 d128 causal | 2000 (hopper) | 1920 (enable_gqa=True) | 0.96× | "
-        "2001 (quantattn kernel) |" in lines
+        "2001 (quantattn kernel) | 1.04 |" in lines
     )
-    assert "| Wan | B1 H40 N32760 d128 | error | 5 | - | - |" in lines
+    assert "| Wan | B1 H40 N32760 d128 | error | 5 | - | - | - |" in lines
     assert lines[-1] == "! Wan, quantattn: RuntimeError: out of memory"
 
 
