@@ -12,7 +12,7 @@ import torch
 
 from quantattn import guards, ops
 from quantattn import validation as V
-from quantattn.backends import AUTO_SDPA, AttentionCall, device_capability, select_backend
+from quantattn.backends import AttentionCall, SdpaBackend, device_capability, select_backend
 from quantattn.config import PV_ACCUMS, QuantConfig
 
 # keyword name (official package's where it has one) -> QuantConfig field
@@ -73,8 +73,8 @@ def _run(call: AttentionCall, backend: str) -> torch.Tensor | None:
     chosen = select_backend(call, backend)
     if not call.out.numel():
         return None
-    if chosen is AUTO_SDPA:
-        return AUTO_SDPA.run(call)
+    if isinstance(chosen, SdpaBackend):
+        return chosen.run(call)
     if chosen.name == "reference" and call.q.device.type == "cpu" and not _warned_cpu:
         _warned_cpu = True
         warnings.warn(

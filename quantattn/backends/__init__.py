@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from quantattn.backends import speed_table
-from quantattn.backends.sdpa import AUTO_SDPA, AUTO_SDPA_MESSAGE, SdpaBackend, count_fallback
+from quantattn.backends.sdpa import AUTO_SDPA, AUTO_SDPA_MESSAGE, SDPA_BACKENDS, SdpaBackend, count_fallback
 from quantattn.config import QuantConfig
 from quantattn.reference.attention import sage_attention_reference
 
@@ -199,7 +199,7 @@ REQUESTS = ("auto", "quantized", *BACKENDS)
 
 
 def select_backend(call: AttentionCall, requested: str):
-    """The backend that runs `call`: a BACKENDS entry, or AUTO_SDPA (torch's SDPA) for "auto" only."""
+    """The backend that runs `call`: a BACKENDS entry, or (for "auto" only) an SdpaBackend, torch's SDPA."""
     if requested not in REQUESTS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, REQUESTS))}; got {requested!r}")
     if requested in BACKENDS:
@@ -218,10 +218,10 @@ def select_backend(call: AttentionCall, requested: str):
         reasons = BACKENDS[name].reasons(call)
         if not reasons:
             if requested == "auto":
-                why_sdpa = speed_table.sdpa_reason(call, name)
-                if why_sdpa is not None:
-                    count_fallback(why_sdpa, AUTO_SDPA_MESSAGE)
-                    return AUTO_SDPA
+                span = speed_table.sdpa_span(call, name)
+                if span is not None:
+                    count_fallback(span.reason, AUTO_SDPA_MESSAGE)
+                    return SDPA_BACKENDS[span.sdpa]
             return BACKENDS[name]
         refusals.append(f"{name}: {'; '.join(reasons)}")
     raise RuntimeError(
@@ -236,6 +236,7 @@ __all__ = [
     "BACKENDS",
     "HopperBackend",
     "REQUESTS",
+    "SDPA_BACKENDS",
     "ReferenceBackend",
     "SdpaBackend",
     "TritonBackend",

@@ -5,7 +5,8 @@ A speed table is a JSON file per GPU model, named by the GPU's normalized name
 (`normalized_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"`), written from benchmark results by
 `python -m quantattn.bench ... --write-speed-table` (quantattn.bench.speed_table). Each entry is one
 shape class, (quantattn backend, QuantConfig, head_dim, causal), with the sequence lengths the benchmark
-measured (Nq = Nk) and, at each, whether the fastest torch SDPA backend of the same run beat the whole call.
+measured (Nq = Nk) and, at each, whether the fastest torch SDPA backend of the same run beat the whole call,
+and which SDPA backend that was (the fallback runs with that one: torch's own priority would pick another).
 
 Lookup, per call: the table of the call's GPU is found once per device index (a dict and a few span
 comparisons afterwards, no file IO). A sequence length N takes SDPA when
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from quantattn.backends.sdpa import SdpaBackend
+from quantattn.backends.sdpa import SDPA_BACKENDS, SdpaBackend
 from quantattn.config import QuantConfig
 
 logger = logging.getLogger("quantattn")
@@ -48,6 +49,7 @@ KIND = "quantattn speed table"
 SHIPPED_DIR = Path(__file__).resolve().parent / "speed_tables"
 ENV_OFF = "QUANTATTN_AUTO_SDPA"
 ENV_DIR = "QUANTATTN_SPEED_TABLE_DIR"
+ENTRY_FIELDS = ("backend", "config", "head_dim", "causal", "seq_lens", "sdpa_faster", "sdpa_fastest")
 
 
 def normalized_name(device_name: str) -> str:
@@ -80,11 +82,12 @@ def seq_len_text(n: float) -> str:
 @dataclass(frozen=True)
 class Span:
     """Sequence lengths lo <= N <= hi (hi may be infinite) where SDPA takes the call; `reason` is what the
-    fallback counter and the log say."""
+    fallback counter and the log say; `sdpa` the SDPA backend to run (torch's name, None: torch's choice)."""
 
     lo: float
     hi: float
     reason: str
+    sdpa: str | None = None
 
 
 class SpeedTable:
@@ -99,7 +102,7 @@ class SpeedTable:
         for e in doc["entries"]:
             cfg = QuantConfig(**e["config"])
             key = (e["backend"], int(e["head_dim"]), bool(e["causal"]), cfg)
-            self.spans[key] = sdpa_spans(e["seq_lens"], e["sdpa_faster"], self._reason_prefix(e))
+            self.spans[key] = sdpa_spans(e["seq_lens"], e["sdpa_faster"], self._reason_prefix(e), e["sdpa_fastest"])
 
     def _reason_prefix(self, e: dict) -> str:
         what = f"{e['backend']} ({e['implementation']})" if e.get("implementation") else e["backend"]
@@ -108,19 +111,25 @@ class SpeedTable:
             f"{what} whole call at head_dim {e['head_dim']}, causal {'on' if e['causal'] else 'off'}"
         )
 
-    def lookup(self, backend: str, head_dim: int, causal: bool, cfg: QuantConfig, seq_len: int) -> str | None:
-        """The reason SDPA takes this shape, or None (the kernels take it)."""
+    def lookup(self, backend: str, head_dim: int, causal: bool, cfg: QuantConfig, seq_len: int) -> Span | None:
+        """The span that gives this shape to SDPA, or None (the kernels take it)."""
         for span in self.spans.get((backend, head_dim, causal, cfg), ()):
             if span.lo <= seq_len <= span.hi:
-                return span.reason
+                return span
         return None
 
 
-def sdpa_spans(seq_lens, sdpa_faster, reason_prefix: str = "torch SDPA measured faster") -> tuple[Span, ...]:
-    """The spans of N where SDPA takes the call, from the measured (N, SDPA faster?) points (module
-    docstring: a run of SDPA-faster points covers the lengths between them, and past the measured range
-    when it reaches an end of it)."""
-    points = sorted(zip((int(n) for n in seq_lens), (bool(f) for f in sdpa_faster), strict=True))
+def sdpa_spans(
+    seq_lens, sdpa_faster, reason_prefix="torch SDPA measured faster", sdpa_fastest=None
+) -> tuple[Span, ...]:
+    """The spans of N where SDPA takes the call, from the measured (N, SDPA faster?, fastest SDPA backend)
+    points (module docstring: a run of SDPA-faster points covers the lengths between them, and past the
+    measured range when it reaches an end of it). A span runs the SDPA backend fastest at most of its
+    points (the first of a tie)."""
+    fastest = list(sdpa_fastest) if sdpa_fastest is not None else [None] * len(seq_lens)
+    points = sorted(
+        zip((int(n) for n in seq_lens), (bool(f) for f in sdpa_faster), fastest, strict=True), key=lambda p: p[0]
+    )
     spans, i = [], 0
     while i < len(points):
         if not points[i][1]:
@@ -139,7 +148,9 @@ def sdpa_spans(seq_lens, sdpa_faster, reason_prefix: str = "torch SDPA measured 
             where = f"N >= {seq_len_text(lo)}"
         else:
             where = f"N {seq_len_text(lo)}..{seq_len_text(hi)}"
-        spans.append(Span(lo, hi, f"{reason_prefix}, {where}"))
+        kernels = [p[2] for p in points[i : j + 1]]
+        sdpa = max(dict.fromkeys(kernels), key=kernels.count)
+        spans.append(Span(lo, hi, f"{reason_prefix}, {where}" + (f" ({sdpa})" if sdpa else ""), sdpa))
         i = j + 1
     return tuple(spans)
 
@@ -151,11 +162,14 @@ def check_document(doc, source: str) -> None:
     if not isinstance(doc.get("device"), str) or not isinstance(doc.get("entries"), list):
         raise ValueError(f"{source}: needs 'device' (the GPU's name) and a list of 'entries'")
     for i, e in enumerate(doc["entries"]):
-        missing = [f for f in ("backend", "config", "head_dim", "causal", "seq_lens", "sdpa_faster") if f not in e]
+        missing = [f for f in ENTRY_FIELDS if f not in e]
         if missing:
             raise ValueError(f"{source}: entry {i} lacks {', '.join(missing)}")
-        if len(e["seq_lens"]) != len(e["sdpa_faster"]):
-            raise ValueError(f"{source}: entry {i} has {len(e['seq_lens'])} seq_lens, {len(e['sdpa_faster'])} verdicts")
+        if not len(e["seq_lens"]) == len(e["sdpa_faster"]) == len(e["sdpa_fastest"]):
+            raise ValueError(f"{source}: entry {i}: seq_lens, sdpa_faster and sdpa_fastest differ in length")
+        unknown = set(e["sdpa_fastest"]) - set(SDPA_BACKENDS)
+        if unknown:
+            raise ValueError(f"{source}: entry {i} names unknown SDPA backends {sorted(map(str, unknown))}")
 
 
 def load(path, device_name: str | None = None) -> SpeedTable:
@@ -193,9 +207,10 @@ def reload() -> None:
     table_for_device.cache_clear()
 
 
-def sdpa_reason(call, backend: str) -> str | None:
-    """Why `backend="auto"` should hand this call to torch's SDPA instead of `backend` (the quantized
-    backend it chose), or None. Cheap: a cached table, a dict lookup, a few comparisons."""
+def sdpa_span(call, backend: str) -> Span | None:
+    """Where `backend="auto"` hands this call to torch's SDPA instead of `backend` (the quantized backend it
+    chose): the table's span (its reason, its SDPA backend), or None. Cheap: a cached table, a dict lookup,
+    a few comparisons."""
     device = call.q.device
     if device.type != "cuda":
         return None

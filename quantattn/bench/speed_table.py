@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from quantattn.backends import speed_table as T
-from quantattn.bench.impls import HOPPER, HOPPER_VARIANT
+from quantattn.bench.impls import HOPPER, HOPPER_VARIANT, SDPA_NAMES
 from quantattn.config import VARIANTS
 from quantattn.guards import routed_config
 
 RULE = (
     "ratio = quantattn whole-call median time / the fastest torch SDPA backend's in the same run (mean over runs); "
-    "sdpa_faster where ratio > 1 + margin"
+    "sdpa_faster where ratio > 1 + margin; sdpa_fastest: that SDPA backend (torch's name), which the fallback runs"
 )
 
 
@@ -34,24 +34,25 @@ def _config_of(name: str):
     return None if cfg is None else routed_config(torch.bfloat16, cfg)
 
 
-def _run_ratios(doc: dict) -> dict[tuple, float]:
-    """(backend, implementation, head_dim, causal, N) -> whole-call time / best SDPA time, for one run."""
+def _run_ratios(doc: dict) -> dict[tuple, tuple[float, str]]:
+    """(backend, implementation, head_dim, causal, N) -> (whole-call time / best SDPA time, that SDPA
+    backend's torch name), for one run."""
     whole = [r for r in doc["speed"] if r.get("timing") == "whole" and "median_ms" in r]
-    kinds = {name: info.get("kind") for name, info in doc["implementations"].items()}
-    best_sdpa: dict[tuple, float] = {}
+    best_sdpa: dict[tuple, tuple[float, str]] = {}
     for r in whole:
-        if kinds.get(r["implementation"]) == "sdpa":
+        sdpa = SDPA_NAMES.get(r["implementation"])
+        if sdpa is not None and doc["implementations"].get(r["implementation"], {}).get("kind") == "sdpa":
             key = (r["head_dim"], r["causal"], r["seq_len"], r.get("batch"), r.get("heads"))
-            best_sdpa[key] = min(best_sdpa.get(key, float("inf")), r["median_ms"])
+            best_sdpa[key] = min(best_sdpa.get(key, (float("inf"), "")), (r["median_ms"], sdpa))
     ratios = {}
     for r in whole:
         info = doc["implementations"].get(r["implementation"], {})
         if info.get("kind") != "quantattn" or not info.get("backend"):
             continue
-        sdpa = best_sdpa.get((r["head_dim"], r["causal"], r["seq_len"], r.get("batch"), r.get("heads")))
-        if sdpa:
+        best = best_sdpa.get((r["head_dim"], r["causal"], r["seq_len"], r.get("batch"), r.get("heads")))
+        if best and best[0] > 0:
             key = (info["backend"], r["implementation"], r["head_dim"], r["causal"], r["seq_len"])
-            ratios[key] = r["median_ms"] / sdpa
+            ratios[key] = (r["median_ms"] / best[0], best[1])
     return ratios
 
 
@@ -66,24 +67,29 @@ def table_from_results(docs: list[dict], sources: list[str] | None = None, margi
     device = devices.pop()
     if device.startswith("cpu"):
         raise ValueError("these results were measured on the CPU (--device cpu): they say nothing about a GPU")
-    runs: dict[tuple, list[float]] = {}
+    runs: dict[tuple, list[tuple[float, str]]] = {}
     for doc in docs:
-        for key, ratio in _run_ratios(doc).items():
-            runs.setdefault(key, []).append(ratio)
-    grouped: dict[tuple, dict[int, float]] = {}
+        for key, measured in _run_ratios(doc).items():
+            runs.setdefault(key, []).append(measured)
+    grouped: dict[tuple, dict[int, tuple[float, str]]] = {}
     for (backend, impl, head_dim, causal, n), values in runs.items():
-        grouped.setdefault((backend, impl, head_dim, causal), {})[n] = statistics.fmean(values)
+        fastest = [sdpa for _, sdpa in values]
+        grouped.setdefault((backend, impl, head_dim, causal), {})[n] = (
+            statistics.fmean(ratio for ratio, _ in values),
+            max(dict.fromkeys(fastest), key=fastest.count),  # the SDPA backend most runs found fastest
+        )
     entries = []
     for (backend, impl, head_dim, causal), points in sorted(grouped.items(), key=lambda kv: tuple(map(str, kv[0]))):
         cfg = _config_of(impl)
         if cfg is None:
             continue  # an implementation this quantattn does not know (older results): no entry
         seq_lens = sorted(points)
-        ratios = [round(points[n], 4) for n in seq_lens]
         entries.append({
             "backend": backend, "implementation": impl, "config_name": cfg.name, "config": asdict(cfg),
-            "head_dim": head_dim, "causal": causal, "seq_lens": seq_lens, "ratios": ratios,
-            "sdpa_faster": [points[n] > 1.0 + margin for n in seq_lens],
+            "head_dim": head_dim, "causal": causal, "seq_lens": seq_lens,
+            "ratios": [round(points[n][0], 4) for n in seq_lens],
+            "sdpa_faster": [points[n][0] > 1.0 + margin for n in seq_lens],
+            "sdpa_fastest": [points[n][1] for n in seq_lens],
         })  # fmt: skip
     if not entries:
         raise ValueError("the results hold no quantattn whole call next to a torch SDPA time of the same run")
@@ -138,7 +144,7 @@ def describe(table: dict) -> str:
     """One line per entry: where SDPA takes the calls."""
     lines = [f"speed table for {table['device']} ({RULE}; margin {table['margin']})"]
     for e in table["entries"]:
-        spans = T.sdpa_spans(e["seq_lens"], e["sdpa_faster"], "")
+        spans = T.sdpa_spans(e["seq_lens"], e["sdpa_faster"], "", e["sdpa_fastest"])
         where = "; ".join(s.reason.lstrip(", ") for s in spans) or "never"
         ratios = " ".join(f"{T.seq_len_text(n)}:{r:.2f}" for n, r in zip(e["seq_lens"], e["ratios"], strict=True))
         lines.append(

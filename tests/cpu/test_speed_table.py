@@ -81,12 +81,14 @@ def test_table_from_results_marks_where_the_best_sdpa_was_faster():
     assert entry["seq_lens"] == [1024, 2048, 4096, 8192]
     assert entry["ratios"] == [2.0, 1.2, 0.99, 0.8]
     assert entry["sdpa_faster"] == [True, True, False, False]
+    assert entry["sdpa_fastest"] == ["CUDNN_ATTENTION"] * 4  # flash was the slower SDPA backend
 
 
 def test_the_comparison_is_against_the_fastest_sdpa_backend_of_the_same_run():
     times = {("sdpa-cudnn", 64, True, 1024): 1.0, ("sage2-8b", 64, True, 1024): 1.3}
     (entry,) = G.table_from_results([bench_doc(times, sdpa_flash_factor=0.5)])["entries"]
     assert entry["ratios"] == [2.6]  # flash (0.5 ms) was the faster SDPA here
+    assert entry["sdpa_fastest"] == ["FLASH_ATTENTION"]
     assert entry["backend"] == "triton"
 
 
@@ -152,6 +154,13 @@ def spans(points: dict[int, bool]):
     return [(s.lo, s.hi) for s in T.sdpa_spans(list(points), list(points.values()))]
 
 
+def test_a_span_runs_the_sdpa_backend_fastest_at_most_of_its_points():
+    (span,) = T.sdpa_spans([1, 2, 3], [True] * 3, "x", ["FLASH_ATTENTION", "CUDNN_ATTENTION", "CUDNN_ATTENTION"])
+    assert span.sdpa == "CUDNN_ATTENTION" and span.reason == "x, every N (CUDNN_ATTENTION)"
+    (span,) = T.sdpa_spans([1, 2], [True] * 2, "x", ["FLASH_ATTENTION", "CUDNN_ATTENTION"])
+    assert span.sdpa == "FLASH_ATTENTION"  # a tie: the first
+
+
 def test_spans_extend_past_the_measured_ends_and_need_both_neighbours_inside():
     assert spans({1024: True, 2048: True, 4096: False, 8192: False}) == [(0, 2048)]
     assert spans({1024: False, 2048: True, 4096: True}) == [(2048, math.inf)]
@@ -165,6 +174,7 @@ def table_of(points: dict[int, bool], d=128, causal=False, backend="hopper", cfg
     entry = {
         "backend": backend, "config": vars(cfg), "head_dim": d, "causal": causal,
         "seq_lens": list(points), "sdpa_faster": list(points.values()),
+        "sdpa_fastest": ["CUDNN_ATTENTION"] * len(points),
     }  # fmt: skip
     return {"format": T.FORMAT, "kind": T.KIND, "device": device, "entries": [entry]}
 
@@ -195,6 +205,10 @@ def test_broken_documents_say_what_is_wrong():
     bad = table_of({1024: True})
     del bad["entries"][0]["seq_lens"]
     with pytest.raises(ValueError, match="lacks seq_lens"):
+        T.SpeedTable(bad)
+    bad = table_of({1024: True})
+    bad["entries"][0]["sdpa_fastest"] = ["XLA"]
+    with pytest.raises(ValueError, match="unknown SDPA backends"):
         T.SpeedTable(bad)
 
 
@@ -278,18 +292,19 @@ def test_auto_takes_sdpa_exactly_where_the_table_says(gpu, n, d, causal):
     chosen = B.select_backend(call, "auto")
     kernel = "hopper" if n >= B.HopperBackend.AUTO_MIN_QUERIES else "triton"
     expected = SHIPPED.lookup(kernel, d, causal, SAGE2, n)
-    assert (chosen is B.AUTO_SDPA) is (expected is not None)
-    if chosen is B.AUTO_SDPA:
-        assert S.fallbacks == {expected: 1}
+    assert isinstance(chosen, B.SdpaBackend) is (expected is not None)
+    if expected is not None:
+        assert S.fallbacks == {expected.reason: 1}
+        assert chosen.only == expected.sdpa == "CUDNN_ATTENTION"  # the measured fastest, not torch's first choice
     else:
         assert chosen is gpu[kernel] and not S.fallbacks
     if d == 80:
-        assert chosen is not B.AUTO_SDPA  # the table measured head_dim 64 and 128 only
+        assert expected is None  # the table measured head_dim 64 and 128 only
 
 
 def test_shipped_h100_table_at_the_readme_crossovers(gpu):
     def takes(n, d=128, causal=False):
-        return B.select_backend(fake_call(n, d=d, causal=causal), "auto") is B.AUTO_SDPA
+        return isinstance(B.select_backend(fake_call(n, d=d, causal=causal), "auto"), B.SdpaBackend)
 
     assert takes(1024) and takes(2048) and not takes(4096) and not takes(16384)
     assert takes(4096, causal=True) and not takes(16384, causal=True)
@@ -382,6 +397,36 @@ def test_auto_sdpa_without_enable_gqa_repeats_the_heads(auto_is_sdpa, qa, monkey
     q, k, v = qa.make_qkv(4, b=1, hq=6, hkv=2, nq=64, d=32, dtype=torch.bfloat16)
     out = quantattn.sageattn(q, k, v, is_causal=True)
     torch.testing.assert_close(out, reference_sdpa(q, k, v, True, None, "HND"), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("only", ["CUDNN_ATTENTION", "FLASH_ATTENTION", "MATH"])
+def test_the_measured_sdpa_backend_runs_alone_and_the_switches_come_back(qa, monkeypatch, only):
+    """Whatever the switches allow on the CPU (where cuDNN does not run, torch's own choice takes the call),
+    the result is torch SDPA's and the switches are as they were."""
+    monkeypatch.setattr(api, "select_backend", lambda call, requested: B.SDPA_BACKENDS[only])
+    switches = [enabled() for enabled, _ in S._SWITCHES.values()]
+    q, k, v = qa.make_qkv(7, b=1, hq=4, hkv=2, nq=80, d=32, dtype=torch.bfloat16)
+    out = quantattn.sageattn(q, k, v, is_causal=True, sm_scale=0.2)
+    assert [enabled() for enabled, _ in S._SWITCHES.values()] == switches
+    want = reference_sdpa(q, k, v, True, 0.2, "HND")
+    exact = only != "MATH"  # the math kernel rounds differently in bf16
+    torch.testing.assert_close(out, want, atol=0 if exact else 1e-2, rtol=0 if exact else 1e-2)
+
+
+def test_a_refusal_of_the_measured_backend_restores_the_switches_first(monkeypatch):
+    seen = []
+
+    def sdpa(call):
+        seen.append([enabled() for enabled, _ in S._SWITCHES.values()])
+        if len(seen) == 1:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return "torch's choice"
+
+    backend = S.SdpaBackend("CUDNN_ATTENTION")
+    monkeypatch.setattr(backend, "_sdpa", sdpa)
+    before = [enabled() for enabled, _ in S._SWITCHES.values()]
+    assert backend.run(None) == "torch's choice"
+    assert seen == [[False, False, False, True], before]
 
 
 def test_auto_sdpa_with_empty_inputs(auto_is_sdpa, qa):

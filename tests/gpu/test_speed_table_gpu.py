@@ -74,10 +74,10 @@ def test_auto_takes_sdpa_exactly_where_the_table_says_and_equals_it(layout, hq, 
     call = _call(q, k, v, layout, causal)
     hopper = B.BACKENDS["hopper"]
     kernel = "hopper" if hopper.prefers(call) and not hopper.reasons(call) else "triton"
-    reason = t.lookup(kernel, d, causal, QuantConfig(), n)
-    assert (sum(S.fallbacks.values()) == 1) is (reason is not None)
-    if reason is not None:
-        assert S.fallbacks[reason] == 1 and "backend='auto' runs torch SDPA" in caplog.text
+    span = t.lookup(kernel, d, causal, QuantConfig(), n)
+    assert (sum(S.fallbacks.values()) == 1) is (span is not None)
+    if span is not None:
+        assert S.fallbacks[span.reason] == 1 and "backend='auto' runs torch SDPA" in caplog.text
         # the very same computation as the user's own SDPA call, and close to SDPA on repeated heads
         torch.testing.assert_close(out, sdpa_expected(q, k, v, causal, scale, layout), atol=0, rtol=0)
         torch.testing.assert_close(out, sdpa_expected(q, k, v, causal, scale, layout, repeat=True))
@@ -116,6 +116,25 @@ def test_switched_off(monkeypatch):
     q, k, v = qkv(1, 8, 8, 1024, 128)
     qa.sageattn(q, k, v)
     assert not S.fallbacks
+
+
+def test_the_fallback_runs_the_sdpa_backend_the_table_measured():
+    """torch's own priority puts FlashAttention-2 first; the H100 table measured cuDNN fastest."""
+    t = table()
+    if t is None:
+        pytest.skip("no speed table for this GPU")
+    q, k, v = qkv(4, 32, 32, 1024, 128)
+    span = t.lookup("hopper", 128, False, QuantConfig(), 1024) or t.lookup("triton", 128, False, QuantConfig(), 1024)
+    if span is None or span.sdpa != "CUDNN_ATTENTION":
+        pytest.skip("the table does not give this shape to cuDNN")
+    qa.sageattn(q, k, v)  # warm
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        qa.sageattn(q, k, v)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert names and not any("flash" in n.lower() for n in names), names
+    switches = [enabled() for enabled, _ in S._SWITCHES.values()]
+    assert switches == [True, True, True, True]  # restored (torch's defaults)
 
 
 def test_under_patched_sdpa_the_fallback_is_torch_sdpa():
