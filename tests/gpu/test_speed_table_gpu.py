@@ -5,6 +5,7 @@ fallback off; these tests turn it on.)"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -42,15 +43,19 @@ def qkv(b, hq, hkv, n, d, layout="HND", seed=0):
     return ts if layout == "HND" else [t.transpose(1, 2).contiguous() for t in ts]
 
 
-def sdpa_expected(q, k, v, causal, scale, layout, repeat=False):
-    """torch SDPA as a user calls it (enable_gqa for grouped heads), or with K/V heads repeated."""
+def sdpa_expected(q, k, v, causal, scale, layout, only=None, repeat=False):
+    """torch SDPA as a user calls it (enable_gqa for grouped heads; `only`: that SDPA backend alone, by
+    torch's sdpa_kernel), or with K/V heads repeated."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     to_hnd = (lambda t: t) if layout == "HND" else (lambda t: t.transpose(1, 2))
     qh, kh, vh = to_hnd(q), to_hnd(k), to_hnd(v)
     group = qh.shape[1] // kh.shape[1]
     if repeat:
         kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
     gqa = {"enable_gqa": True} if kh.shape[1] != qh.shape[1] else {}
-    return to_hnd(S.ORIGINAL_SDPA(qh, kh, vh, is_causal=causal, scale=scale, **gqa))
+    with sdpa_kernel(getattr(SDPBackend, only)) if only else contextlib.nullcontext():
+        return to_hnd(S.ORIGINAL_SDPA(qh, kh, vh, is_causal=causal, scale=scale, **gqa))
 
 
 def test_this_gpu_has_the_table_it_should():
@@ -79,7 +84,8 @@ def test_auto_takes_sdpa_exactly_where_the_table_says_and_equals_it(layout, hq, 
     if span is not None:
         assert S.fallbacks[span.reason] == 1 and "backend='auto' runs torch SDPA" in caplog.text
         # the very same computation as the user's own SDPA call, and close to SDPA on repeated heads
-        torch.testing.assert_close(out, sdpa_expected(q, k, v, causal, scale, layout), atol=0, rtol=0)
+        want = sdpa_expected(q, k, v, causal, scale, layout, span.sdpa)
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
         torch.testing.assert_close(out, sdpa_expected(q, k, v, causal, scale, layout, repeat=True))
         assert out.is_contiguous() and out.shape == q.shape
     else:
