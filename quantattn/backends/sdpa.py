@@ -55,6 +55,8 @@ _SWITCHES = {
     "CUDNN_ATTENTION": (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp),
 }
 
+_switch_lock = threading.Lock()
+
 
 class SdpaBackend:
     """torch's SDPA in the call's own precision: exact attention, chosen only by `backend="auto"` from a
@@ -94,16 +96,17 @@ class SdpaBackend:
         """torch's SDPA on the call's HND views; returns its [B, Hq, N, d] output (no copy into call.out)."""
         if self.only is None:
             return self._sdpa(call)
-        saved = [(enable, enabled()) for enabled, enable in _SWITCHES.values()]
-        for name, (_, enable) in _SWITCHES.items():
-            enable(name == self.only)
-        try:
-            return self._sdpa(call)
-        except RuntimeError:
-            pass  # that backend refuses this call here ("No available kernel"): torch's own choice, below
-        finally:
-            for enable, was in saved:
-                enable(was)
+        with _switch_lock:  # two threads saving and restoring at once could leave the switches changed
+            saved = [(enable, enabled()) for enabled, enable in _SWITCHES.values()]
+            for name, (_, enable) in _SWITCHES.items():
+                enable(name == self.only)
+            try:
+                return self._sdpa(call)
+            except RuntimeError:
+                pass  # that backend refuses this call here ("No available kernel"): torch's own choice, below
+            finally:
+                for enable, was in saved:
+                    enable(was)
         return self._sdpa(call)
 
     @staticmethod

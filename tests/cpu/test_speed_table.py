@@ -475,3 +475,25 @@ def test_speed_table_command(tmp_path, capsys):
     assert table["margin"] == 0.05 and table["entries"][0]["sdpa_faster"] == [False]
     assert G.main([str(tmp_path / "missing.json")]) == 1
     assert isinstance(QuantConfig(**table["entries"][0]["config"]), QuantConfig)
+
+
+def test_concurrent_fallbacks_leave_the_switches_as_they_were(monkeypatch):
+    import threading
+    import time
+
+    backend = S.SdpaBackend("CUDNN_ATTENTION")
+
+    def sdpa(call):
+        time.sleep(0.001)  # another thread would save the switches while this one holds them changed
+        return [enabled() for enabled, _ in S._SWITCHES.values()]
+
+    monkeypatch.setattr(backend, "_sdpa", sdpa)
+    before = [enabled() for enabled, _ in S._SWITCHES.values()]
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.extend(backend.run(None) for _ in range(20))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(s == [False, False, False, True] for s in seen) and len(seen) == 80
+    assert [enabled() for enabled, _ in S._SWITCHES.values()] == before
