@@ -3,7 +3,7 @@
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: install test test-gpu lint format bench accuracy
+.PHONY: install test test-gpu lint format bench accuracy speed-table
 
 install:  ## quantattn in editable mode, with test, benchmark and lint tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -27,3 +27,9 @@ bench:  ## the speed benchmark (NVIDIA GPU)
 
 accuracy:  ## the accuracy tool
 	$(PYTHON) -m quantattn.accuracy $(ARGS)
+
+# The shipped speed table of a GPU model (backend="auto" hands to torch SDPA what SDPA won there), from
+# committed bench results of that GPU: make speed-table RESULTS="bench/results/A.json bench/results/B.json"
+RESULTS ?=
+speed-table:  ## write quantattn/backends/speed_tables/<gpu>.json from RESULTS (bench JSON files)
+	$(PYTHON) -m quantattn.bench.speed_table $(RESULTS) --out quantattn/backends/speed_tables/ $(ARGS)

@@ -76,7 +76,8 @@ def chosen_variants(name: str, device: torch.device) -> dict[str, QuantConfig]:
 
 def quantattn_fn(cfg: QuantConfig) -> Attention:
     def run(q, k, v, causal):
-        return quantattn.sageattn(q, k, v, is_causal=causal, config=cfg)
+        # "quantized": auto's kernel, never torch's SDPA (which auto takes where it measured faster)
+        return quantattn.sageattn(q, k, v, is_causal=causal, config=cfg, backend="quantized")
 
     return run
 

@@ -12,7 +12,7 @@ import torch
 
 from quantattn import guards, ops
 from quantattn import validation as V
-from quantattn.backends import AttentionCall, device_capability, select_backend
+from quantattn.backends import AttentionCall, SdpaBackend, device_capability, select_backend
 from quantattn.config import PV_ACCUMS, QuantConfig
 
 # keyword name (official package's where it has one) -> QuantConfig field
@@ -62,14 +62,19 @@ def resolve_config(device: torch.device, config: QuantConfig | None, options: di
     return base.replace(**changes) if changes else base
 
 
-def _run(call: AttentionCall, backend: str) -> None:
+def _run(call: AttentionCall, backend: str) -> torch.Tensor | None:
     """Route the call past numerics that cannot represent it (quantattn.guards: shapes and dtypes only, no
-    GPU sync), choose the backend (so that a refused choice is refused even for empty inputs), run it."""
+    GPU sync), choose the backend (so that a refused choice is refused even for empty inputs), run it.
+
+    Returns None when the backend wrote call.out, or torch SDPA's HND output where backend="auto" gave the
+    call to torch's SDPA (returned as it is rather than copied into call.out)."""
     global _warned_cpu
     call = guards.route(call)
     chosen = select_backend(call, backend)
     if not call.out.numel():
-        return
+        return None
+    if isinstance(chosen, SdpaBackend):
+        return chosen.run(call)
     if chosen.name == "reference" and call.q.device.type == "cpu" and not _warned_cpu:
         _warned_cpu = True
         warnings.warn(
@@ -79,6 +84,7 @@ def _run(call: AttentionCall, backend: str) -> None:
         )
     for part in guards.split(call):
         chosen.forward(part)
+    return None
 
 
 def sageattn(
@@ -102,7 +108,10 @@ def sageattn(
     multiple of Hkv (grouped-query attention). float16 or bfloat16; head_dim 1..256. Causal masking is
     bottom-right aligned when Nq != Nk (query i sees keys j <= i + Nk - Nq; rows that see no key give 0).
     Options: qk_quant_dtype ("int8", "int4"), qk_quant_gran, pv_dtype ("fp8", "fp16", "bf16"),
-    pv_accum_dtype, smooth_k, smooth_q, smooth_v, or a whole `config`; backend "auto", "hopper", "triton", "reference".
+    pv_accum_dtype, smooth_k, smooth_q, smooth_v, or a whole `config`. backend: "auto" (the fastest quantized
+    kernel for the device, or torch's SDPA where this GPU's speed table measured it faster for the shape: dense,
+    no mask or lse, Nq == Nk; README "Backends"), "quantized" (auto's kernel, never torch's SDPA), or "hopper",
+    "triton", "reference" (forced).
     attn_mask: SDPA's forms, always [B, Hq, Nq, Nk] order (whatever the layout) or broadcastable to it:
     bool (True attends) or float16/bfloat16/float32 added to the scores; combined with is_causal when both
     are given. key_lengths: int tensor [B], batch entry b attends to its first key_lengths[b] keys only
@@ -141,7 +150,9 @@ def sageattn(
     call = AttentionCall(
         qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse, attn_mask=attn_mask, key_lengths=key_lengths
     )
-    _run(call, backend)
+    sdpa_out = _run(call, backend)
+    if sdpa_out is not None:  # torch's SDPA took it (backend="auto"; never with return_lse): q's layout, contiguous
+        return (sdpa_out if tensor_layout == "HND" else sdpa_out.transpose(1, 2)).contiguous()
     return (out, lse) if return_lse else out
 
 
@@ -199,7 +210,7 @@ def sageattn_varlen(
         qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
     )  # fmt: skip
-    _run(call, backend)
+    _run(call, backend)  # varlen calls never go to torch's SDPA: the backend wrote out
     return (out, lse[0]) if return_lse else out
 
 

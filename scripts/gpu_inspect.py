@@ -54,7 +54,7 @@ def main():
     print(f"{'variant':<16} {'whole TOPS':>10} {'kernel TOPS':>11} {'regs':>5} {'spills':>6}  mma instructions")
     for name, cfg in VARIANTS.items():
         qi, ki, vi = (qh, kh, vh) if cfg.pv_accum == "fp16+fp32" else (q, k, v)
-        whole = median_ms(lambda: sageattn(qi, ki, vi, config=cfg))
+        whole = median_ms(lambda: sageattn(qi, ki, vi, config=cfg, backend="quantized"))
         kv = launch.preprocess_kv(ki, vi, cfg, launch.sequences(ki, None, 0))
         out = torch.empty_like(qi)
         seqs = launch.sequences(qi, None, 0)
@@ -89,11 +89,11 @@ def main():
 
     tq, tk, tv = (torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for _ in range(20):
-        sageattn(tq, tk, tv)
+        sageattn(tq, tk, tv, backend="quantized")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(200):
-        sageattn(tq, tk, tv)
+        sageattn(tq, tk, tv, backend="quantized")
     torch.cuda.synchronize()
     report["host_us_per_call"] = (time.perf_counter() - t0) / 200 * 1e6
     print(f"whole call on [1, 1, 64, 128]: {report['host_us_per_call']:.0f} us per call (host-bound)")

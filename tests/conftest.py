@@ -19,6 +19,9 @@ import torch
 # decorates: set it before any test module imports quantattn.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests check quantattn's numerics: backend="auto" must not hand small GPU calls to torch's SDPA by
+# the speed table (tests/cpu/test_speed_table.py and tests/gpu/test_speed_table_gpu.py turn it back on).
+os.environ.setdefault("QUANTATTN_AUTO_SDPA", "0")
 
 import contextlib  # noqa: E402
 import math

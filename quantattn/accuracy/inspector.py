@@ -224,8 +224,8 @@ class Inspector:
         report = insp.report()
 
     candidates: variant names (default every quantattn.VARIANTS entry), or {name: QuantConfig}.
-    backend: quantattn backend for the candidates ("auto": the kernels on a GPU; CPU tensors always run the
-    reference). targets: see hooks.intercepted_sdpa.
+    backend: quantattn backend for the candidates ("auto": auto's quantized kernels on a GPU, never torch's
+    SDPA; CPU tensors always run the reference). targets: see hooks.intercepted_sdpa.
     """
 
     def __init__(self, model: torch.nn.Module, candidates=None, backend: str = "auto", targets=None):
@@ -272,7 +272,8 @@ class Inspector:
             return
         truth = attention_fp64(q, k, v, is_causal, scale, chunk=_chunk(q, k), attn_mask=attn_mask)
         rec.merge_errors(FULL_PRECISION, _errors(out, truth))
-        backend = "reference" if q.device.type == "cpu" else self.backend
+        # the candidates' own numerics: "auto" would hand short calls to torch's SDPA (its speed table)
+        backend = "reference" if q.device.type == "cpu" else "quantized" if self.backend == "auto" else self.backend
         for name, cfg in self.candidates.items():
             try:
                 with warnings.catch_warnings():

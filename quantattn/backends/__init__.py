@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantattn.backends import speed_table
+from quantattn.backends.sdpa import AUTO_SDPA, AUTO_SDPA_MESSAGE, SDPA_BACKENDS, SdpaBackend, count_fallback
 from quantattn.config import QuantConfig
 from quantattn.reference.attention import sage_attention_reference
 
@@ -190,12 +192,17 @@ class HopperBackend:
 
 BACKENDS = {"hopper": HopperBackend(), "triton": TritonBackend(), "reference": ReferenceBackend()}
 AUTO_ORDER = ("hopper", "triton")
+# "auto": the first quantized backend of AUTO_ORDER that takes the call, or torch's SDPA where this GPU's
+# speed table measured SDPA faster for the call's shape class (quantattn.backends.speed_table);
+# "quantized": the same choice without torch's SDPA (for measuring quantattn itself).
+REQUESTS = ("auto", "quantized", *BACKENDS)
 
 
 def select_backend(call: AttentionCall, requested: str):
-    if requested not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
-    if requested != "auto":
+    """The backend that runs `call`: a BACKENDS entry, or (for "auto" only) an SdpaBackend, torch's SDPA."""
+    if requested not in REQUESTS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, REQUESTS))}; got {requested!r}")
+    if requested in BACKENDS:
         backend = BACKENDS[requested]
         reasons = backend.reasons(call)
         if reasons:
@@ -210,6 +217,11 @@ def select_backend(call: AttentionCall, requested: str):
             continue
         reasons = BACKENDS[name].reasons(call)
         if not reasons:
+            if requested == "auto":
+                span = speed_table.sdpa_span(call, name)
+                if span is not None:
+                    count_fallback(span.reason, AUTO_SDPA_MESSAGE)
+                    return SDPA_BACKENDS[span.sdpa]
             return BACKENDS[name]
         refusals.append(f"{name}: {'; '.join(reasons)}")
     raise RuntimeError(
@@ -219,10 +231,14 @@ def select_backend(call: AttentionCall, requested: str):
 
 
 __all__ = [
+    "AUTO_SDPA",
     "AttentionCall",
     "BACKENDS",
     "HopperBackend",
+    "REQUESTS",
+    "SDPA_BACKENDS",
     "ReferenceBackend",
+    "SdpaBackend",
     "TritonBackend",
     "device_capability",
     "select_backend",

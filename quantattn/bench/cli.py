@@ -25,12 +25,14 @@ from quantattn.bench import report, timing
 from quantattn.bench.environment import positive_arg, run_metadata, seq_len_arg
 from quantattn.bench.impls import ALL_NAMES, build
 from quantattn.bench.runner import BrokenDevice, Runner, Settings
+from quantattn.bench.workloads import workload_arg
 
 DEFAULT_OUT = Path("bench/results")
 QUICK_TIMING = {"min_repeats": 30, "max_repeats": 100, "target_s": 0.1}
 FULL_TIMING = {"min_repeats": timing.MIN_REPEATS, "max_repeats": timing.MAX_REPEATS, "target_s": timing.TARGET_S}
 EXIT_NO_GPU = 2
 EXIT_FAILED = 1
+SPEED_TABLE_DEFAULT = Path("<auto's location>")  # --write-speed-table without a PATH
 
 
 def _implementations(text: str) -> list[str]:
@@ -100,6 +102,24 @@ def parser() -> argparse.ArgumentParser:
         "--from-json", type=Path, nargs="+", metavar="FILE",
         help="measure nothing: print the table of saved results and draw their chart (several files are merged and the "
         "merge is saved too); no GPU needed",
+    )  # fmt: skip
+    p.add_argument(
+        "--write-speed-table", nargs="?", const=SPEED_TABLE_DEFAULT, type=Path, metavar="PATH",
+        help="also write the speed table that backend='auto' reads (where torch SDPA beat quantattn's whole call) "
+        "from this run's results, or with --from-json from the given files (each one run, of one GPU model); PATH: "
+        "a .json file or a folder (default: the location auto reads first, $QUANTATTN_SPEED_TABLE_DIR or "
+        "~/.cache/quantattn/speed_tables/)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workloads", action="store_true",
+        help="instead of the protocol grid: the real models' attention shapes of BENCHMARK.md (Flux, SD3.5, Wan2.1, "
+        "HunyuanVideo, Llama-3-8B, Qwen2.5-7B), quantattn's whole call (the Hopper kernel where it runs) against "
+        "cuDNN SDPA and backend='auto', back-to-back timing; JSON and a markdown table",
+    )  # fmt: skip
+    p.add_argument(
+        "--workload", type=workload_arg, action="append", metavar="B,Hq,Hkv,N,d,causal",
+        help="a workload of your own, e.g. 1,32,8,16K,128,1 (repeatable); with --workloads it is added to the "
+        "built-in list, alone only the given ones run",
     )  # fmt: skip
     p.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda",
@@ -172,7 +192,35 @@ def draw(json_paths, png_path: Path) -> None:
         print(f"chart failed ({type(exc).__name__}: {exc}); the JSON holds every number")
 
 
+def write_speed_table(target: Path, docs: list[dict], sources: list[str]) -> int:
+    """--write-speed-table: the table of these runs (quantattn.bench.speed_table), at the chosen path."""
+    from quantattn.bench import speed_table
+
+    try:
+        table = speed_table.table_from_results(docs, sources)
+    except ValueError as exc:
+        print(f"no speed table written: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    path = speed_table.resolve_path(None if target == SPEED_TABLE_DEFAULT else target, table["device"])
+    speed_table.write_table(table, path)
+    print(f"\n{speed_table.describe(table)}\nspeed table: {path}")
+    return 0
+
+
 def from_json(args: argparse.Namespace) -> int:
+    import json
+
+    from quantattn.bench import workloads as W
+
+    docs = [json.loads(Path(p).read_text()) for p in args.from_json]
+    if any(d.get("kind") == W.KIND for d in docs):  # --workloads results: their tables
+        print("\n\n".join(W.format_markdown(d) if d.get("kind") == W.KIND else f"{p}: not a workloads result"
+                            for p, d in zip(args.from_json, docs, strict=True)))  # fmt: skip
+        return 0
+    if args.write_speed_table is not None:
+        docs = [report.load(p) for p in args.from_json]  # one run each: ratios are taken within a run
+        if write_speed_table(args.write_speed_table, docs, [str(p) for p in args.from_json]):
+            return EXIT_FAILED
     result = report.load(args.from_json)
     print(report.format_table(result))
     if len(args.from_json) > 1:
@@ -188,13 +236,71 @@ def from_json(args: argparse.Namespace) -> int:
     return 0
 
 
+# protocol-grid options that mean nothing to --workloads / --workload (each workload names its own shape)
+GRID_OPTIONS = {
+    "head_dims": "--head-dims", "seq_lens": "--seq-lens", "causal": "--causal", "variants": "--variants",
+    "quick": "--quick", "from_json": "--from-json", "write_speed_table": "--write-speed-table",
+    "no_accuracy": "--no-accuracy", "stop_after": "--stop-after", "repeats": "--repeats",
+}  # fmt: skip
+
+
+def workload_conflicts(args: argparse.Namespace) -> str | None:
+    """Why the arguments cannot run the workloads mode, or None."""
+    given = [flag for dest, flag in GRID_OPTIONS.items() if getattr(args, dest) not in (None, False)]
+    given += [flag for flag, value, default in (("--batch", args.batch, C.BATCH), ("--heads", args.heads, C.HEADS))
+              if value != default]  # fmt: skip
+    if given:
+        return f"{', '.join(given)} cannot be combined with --workloads/--workload (each workload names its shape)"
+    if args.workloads and args.device == "cpu":
+        return "--workloads runs real models' sizes: CUDA only (--device cpu takes small --workload shapes)"
+    return None
+
+
+def run_workloads(args: argparse.Namespace, argv: list[str]) -> int:
+    from quantattn.bench import workloads as W
+
+    chosen = W.chosen(args.workloads, args.workload)
+    date = dt.datetime.now().astimezone()
+    tag = default_tag(args) + "_workloads"
+    meta = run_metadata("quantattn.bench", argv, date, on_gpu=args.device == "cuda")
+    meta.update(tag=tag, dtype="bfloat16", layout="HND", warmups=max(0, args.warmups))
+    json_path = args.out / f"{report.output_stem(date, tag)}.json"
+    print(
+        f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
+        f"commit {(meta['git_commit'] or 'unknown')[:12]}{' (dirty)' if meta['git_dirty'] else ''}\n"
+        f"{len(chosen)} workload(s), bf16 HND; results: {json_path}",
+        flush=True,
+    )
+    doc = W.new_document(meta)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a job's time limit: still print what was measured
+    try:
+        W.run(doc, chosen, lambda: report.write_json(doc, json_path), args.device, max(0, args.warmups))
+    except KeyboardInterrupt:
+        print("\ninterrupted: writing what was measured", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        report.write_json(doc, json_path)
+    print(f"\nresults: {json_path}\n")
+    print(W.format_markdown(doc))
+    failed = any(
+        "error" in res for rec in doc["workloads"] for name, res in rec["results"].items() if name != "sdpa-cudnn"
+    )
+    return EXIT_FAILED if failed or len(doc["workloads"]) < len(chosen) else 0
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    workloads = args.workloads or args.workload
+    if workloads:
+        conflict = workload_conflicts(args)
+        if conflict:
+            p.error(conflict)
     if args.from_json:
         return from_json(args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -206,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_NO_GPU
+    if workloads:
+        return run_workloads(args, argv)
     settings = settings_from(args)
     impls = build(chosen_names(args), device=settings.device)
     date = dt.datetime.now().astimezone()
@@ -252,4 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if broken is not None:
         print(f"the run stopped early: {broken}", file=sys.stderr)
+    if args.write_speed_table is not None and settings.device == "cuda":
+        failed = write_speed_table(args.write_speed_table, [result], [str(json_path)]) != 0 or failed
     return EXIT_FAILED if failed or broken is not None else 0

@@ -63,7 +63,7 @@ def measure(
     if not arg_sets:
         raise ValueError("measure needs at least one argument set")
     max_repeats = max(max_repeats, min_repeats)
-    clock = _CudaClock() if device == "cuda" else _WallClock()
+    clock = make_clock(device)
     fn(*arg_sets[0])  # compilation, autotuning, first-touch allocations
     clock.sync()
     start = clock.mark()
@@ -81,6 +81,11 @@ def measure(
         marks.append((before, clock.mark()))
     clock.sync()
     return summarize([clock.elapsed_ms(a, b) for a, b in marks], warmups)
+
+
+def make_clock(device: str = "cuda"):
+    """CUDA events on the GPU, a wall clock elsewhere: mark(), sync(), elapsed_ms(a, b)."""
+    return _CudaClock() if device == "cuda" else _WallClock()
 
 
 def median_seconds(fn: Callable[[], object], **kwargs) -> float:

@@ -16,9 +16,7 @@ fell back and why.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import logging
 import sys
 import threading
 from dataclasses import dataclass
@@ -27,18 +25,20 @@ import torch
 import torch.nn.functional as F
 
 from quantattn.api import sageattn
+from quantattn.backends.sdpa import (  # noqa: F401  fallbacks, reset_fallbacks: this module's public names
+    ORIGINAL_SDPA,
+    count_fallback,
+    fallbacks,
+    reset_fallbacks,
+)
 from quantattn.config import QuantConfig
 from quantattn.validation import ACCEPTED_DTYPES, MAX_HEAD_DIM, broadcasts_to
 
-logger = logging.getLogger("quantattn")
-
-ORIGINAL_SDPA = F.scaled_dot_product_attention
 CPU_MODES = ("fallback", "reference")
 
-# Why a call went to the original SDPA: reason -> count (since the last reset_fallbacks()).
-fallbacks: collections.Counter = collections.Counter()
-_said: set[str] = set()
-_lock = threading.Lock()
+# `fallbacks` (reason -> count since the last reset_fallbacks()) is shared with backend="auto", which
+# counts there the calls it gives to torch's SDPA by its speed table.
+_lock = threading.Lock()  # guards patching
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,6 @@ _routes: list[Route] = []
 
 def _active() -> Route:
     return _routes[-1] if _routes else DEFAULT_ROUTE
-
-
-def reset_fallbacks() -> None:
-    with _lock:
-        fallbacks.clear()
-        _said.clear()
 
 
 def why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, cpu="fallback") -> str | None:
@@ -138,12 +132,7 @@ def _why_not_mask(query, key, attn_mask, is_causal) -> str | None:
 
 def _fall_back(reason: str) -> None:
     """Count the reason and say it the first time (under torch.compile: when the graph is traced)."""
-    with _lock:
-        fallbacks[reason] += 1
-        first = reason not in _said
-        _said.add(reason)
-    if first:
-        logger.warning("quantattn.sdpa: falling back to torch SDPA: %s", reason)
+    count_fallback(reason, "quantattn.sdpa: falling back to torch SDPA: %s")
 
 
 _dynamo_knows_fall_back = False

@@ -158,7 +158,7 @@ DENSE_CASES = {
         good,
         {"backend": "cuda"},
         ValueError,
-        r"backend must be one of 'auto', 'hopper', 'triton', 'reference'; got 'cuda'",
+        r"backend must be one of 'auto', 'quantized', 'hopper', 'triton', 'reference'; got 'cuda'",
     ),
 }
 
