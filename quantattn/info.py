@@ -107,7 +107,9 @@ def _auto_choices(device: torch.device) -> list[tuple[str, str]]:
         except RuntimeError as exc:
             chosen = f"none ({exc})"
         why = ""
-        if chosen != "hopper" and device.type == "cuda":
+        if chosen == "sdpa":
+            why = "; this GPU's speed table measured torch SDPA faster for the shape class"
+        elif chosen != "hopper" and device.type == "cuda":
             hopper = BACKENDS["hopper"]
             skipped = hopper.reasons(call) or (["not preferred for this shape"] if not hopper.prefers(call) else [])
             why = f"; hopper: {'; '.join(skipped)}" if skipped else ""

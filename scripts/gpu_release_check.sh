@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call for a release check of the Hopper path as a user gets it: a wheel built from this tree,
+# installed apart from the checkout, the CUDA toolkit hidden (no nvcc, no CUDA_HOME) and an empty kernel
+# cache; then the GPU suite against the installed wheel (xdist), first-call and host-time figures.
+# Usage (GPU machine, repository root): bash scripts/gpu_release_check.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/quantattn-out}
+mkdir -p "$OUT"
+log() { echo "=== $* ($(date -u +%T))"; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+
+log "wheel"
+rm -rf /tmp/whl /tmp/wheelsite /tmp/wheeltests
+python3 -m pip wheel . --no-deps --no-build-isolation -q -w /tmp/whl > "$OUT/wheel.log" 2>&1 || { tail -20 "$OUT/wheel.log"; exit 1; }
+python3 -m pip install --no-deps -q --target /tmp/wheelsite /tmp/whl/quantattn-*.whl >> "$OUT/wheel.log" 2>&1
+ls /tmp/whl; find /tmp/wheelsite/quantattn/hopper -name "*.cu*" | wc -l
+
+log "hiding the CUDA toolkit"
+cuda_dir=$(readlink -f /usr/local/cuda)
+[ -d "$cuda_dir" ] && mv "$cuda_dir" /opt/cuda-hidden
+trap '[ -d /opt/cuda-hidden ] && mv /opt/cuda-hidden "$cuda_dir"' EXIT
+unset CUDA_HOME CUDA_PATH
+export PATH=$(echo "$PATH" | tr ':' '\n' | grep -v -i cuda | paste -sd:)
+echo "nvcc: $(command -v nvcc || echo none)"
+cp -r tests /tmp/wheeltests
+cd /tmp/wheeltests
+export PYTHONPATH=/tmp/wheelsite QUANTATTN_CACHE=/tmp/qa-release
+python3 -c "import quantattn, quantattn.hopper as h; print(quantattn.__file__); print('hopper:', h.unavailable_reason() or 'available')"
+log "first call, empty cache"; python3 "$OLDPWD/scripts/hopper_call_costs.py" first
+log "first call, warm cache"; python3 "$OLDPWD/scripts/hopper_call_costs.py" first
+python3 "$OLDPWD/scripts/hopper_call_costs.py" host
+python3 -m quantattn.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
+
+log "GPU suite on the wheel: ${GPU_ARGS:--n 8}"
+start=$SECONDS
+timeout 480 python3 -m pytest . -m gpu ${GPU_ARGS:--n 8} -q -p no:cacheprovider -o addopts="" -rfE > "$OUT/gpu_suite.log" 2>&1
+rc=$?
+echo "exit $rc after $((SECONDS - start)) s: $(tail -1 "$OUT/gpu_suite.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_suite.log" | head -30
+log done
