@@ -322,4 +322,8 @@ def fresh_integrations():
     yield
     while torch_sdpa._routes:
         torch_sdpa.unpatch()
+    for key, stack in list(torch_sdpa._local.stacks.items()):  # routes this thread left open
+        target = tuple(torch_sdpa._switches[key][:2])
+        for handler in reversed(stack):
+            torch_sdpa.close_route(handler, (target,))
     torch._dynamo.reset()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from quantattn.accuracy.hooks import CallSites, call_sdpa, intercepted_sdpa, why_not_quantizable
+from quantattn.accuracy.hooks import CallSites, call_sdpa, sdpa_targets, why_not_quantizable
 from quantattn.accuracy.inspector import InspectionReport, inspect_attention, read_document, write_document
 from quantattn.accuracy.speeds import FULL_PRECISION, SPEEDS, SPEEDS_SOURCE
 from quantattn.api import sageattn
 from quantattn.config import QuantConfig
+from quantattn.integrations.torch_sdpa import ForwardRoute
 
 logger = logging.getLogger("quantattn")
 FORMAT = "quantattn-plan/1"
@@ -172,11 +174,16 @@ def _variant(name: str) -> QuantConfig:
 
 
 class AppliedPlan:
-    """A plan attached to a model. `counts` holds how many calls ran each variant (by key and variant)."""
+    """A plan attached to a model. `counts` holds how many calls ran each variant (by key and variant).
+
+    The plan routes the SDPA calls of the thread that runs the model's forward, while it runs: the same
+    model in two threads, or two models with two plans, each run their own plan, and other threads keep
+    torch's SDPA."""
 
     def __init__(self, plan: Plan, model: torch.nn.Module, targets=None, hook: str = "all"):
         self.plan = plan
         self.counts: Counter = Counter()
+        self._counts_lock = threading.Lock()
         modules = dict(model.named_modules())
         owners = {key.rsplit("#", 1)[0] for key in plan.layers}
         owners = {"" if o == "<model>" else o for o in owners}
@@ -184,35 +191,19 @@ class AppliedPlan:
         if missing:
             logger.warning("quantattn plan: the model has no module %s; their calls run the plan's default", missing)
         self._sites = CallSites(model, None if hook == "all" else owners | {""})
-        self._targets = targets
-        self._patch = None
-        self._depth = 0
-        self._hooks = [
-            model.register_forward_pre_hook(self._enter),
-            model.register_forward_hook(self._leave, always_call=True),
-        ]
-
-    def _enter(self, module, args):
         # registered after the call-site hooks, so the root's own frame is on the stack first
-        self._depth += 1
-        if self._depth == 1:
-            self._patch = intercepted_sdpa(self._on_call, self._targets)
-            self._patch.__enter__()
-
-    def _leave(self, module, args, output):
-        self._depth -= 1
-        if self._depth == 0 and self._patch is not None:
-            self._patch.__exit__(None, None, None)
-            self._patch = None
+        self._route = ForwardRoute(model, self._on_call, sdpa_targets(targets))
 
     def _on_call(self, original, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         site = self._sites.next_key()
         choice = self.plan.layers.get(site)
         name = choice.variant if choice is not None else self.plan.default
         cfg = self.plan.config_for(site)
-        if cfg is not None and why_not_quantizable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+        if cfg is not None and why_not_quantizable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
+                                                   scale):  # fmt: skip
             cfg, name = None, FULL_PRECISION
-        self.counts[(site, name)] += 1
+        with self._counts_lock:
+            self.counts[(site, name)] += 1
         if cfg is None:
             return call_sdpa(original, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         backend = "reference" if query.device.type == "cpu" else "auto"
@@ -223,12 +214,9 @@ class AppliedPlan:
             )
 
     def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
+        """Detach the plan (a forward running meanwhile finishes on it)."""
+        self._route.remove()
         self._sites.remove()
-        if self._patch is not None:
-            self._patch.__exit__(None, None, None)
-            self._patch = None
 
 
 class _Applied:
