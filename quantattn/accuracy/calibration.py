@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import math
 import threading
 import warnings
 from collections import Counter
@@ -69,8 +70,8 @@ def choose(report: InspectionReport, key: str, tolerance: float, metric: str, sp
     unit = "1 - cosine" if metric == "cosine" else metric
     for rank, name in enumerate(names):
         err = report.error(key, name, metric)
-        if err is None or _badness(metric, err) > tolerance:
-            continue
+        if err is None or not math.isfinite(err) or not _badness(metric, err) <= tolerance:
+            continue  # a NaN or infinite measurement never passes (NaN > tolerance would be False)
         if name == FULL_PRECISION and rank > 0:
             why = f"full precision: no faster candidate within {unit} <= {tolerance:g}"
         else:

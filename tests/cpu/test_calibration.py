@@ -60,6 +60,21 @@ def test_choice_is_the_fastest_within_the_tolerance():
     assert cos_plan.layers["b#0"].variant == "sage2++"
 
 
+@pytest.mark.parametrize("metric", ["rel_l1", "cosine", "max_abs"])
+def test_non_finite_errors_never_pass(metric):
+    """NaN compares False with everything: `nan > tolerance` let a NaN measurement through, and the
+    fastest (least accurate) variant won. NaN and infinite errors must count as failures."""
+    nan, inf = float("nan"), float("inf")
+    report = fake_report({
+        "a#0": {"sdpa": 0.002, "sage2-8b": nan, "sage2++": inf, "sage1": 0.01},
+        "b#0": {"sdpa": 0.002, "sage2-8b": nan, "sage2++": nan, "sage1": nan},
+    })  # fmt: skip
+    # fake_report's cosine is 1 - e**2: NaN stays NaN, inf becomes -inf (1 - cosine = inf)
+    plan = C.Plan.from_report(report, 0.05, metric=metric, speeds=FAST_QUANT)
+    assert plan.layers["a#0"].variant == "sage1"
+    assert plan.layers["b#0"].variant == "sdpa" and "no faster candidate" in plan.layers["b#0"].why
+
+
 def test_full_precision_is_a_candidate_by_its_speed():
     """With the H100's measured speeds, torch's bf16 SDPA (cuDNN) is faster than every quantized variant:
     calibration keeps full precision there, whatever the tolerance."""
