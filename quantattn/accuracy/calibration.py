@@ -31,7 +31,7 @@ from quantattn.accuracy.hooks import CallSites, call_sdpa, sdpa_targets, why_not
 from quantattn.accuracy.inspector import InspectionReport, inspect_attention, read_document, write_document
 from quantattn.accuracy.speeds import FULL_PRECISION, SPEEDS, SPEEDS_SOURCE
 from quantattn.api import sageattn
-from quantattn.config import QuantConfig
+from quantattn.config import VARIANTS, QuantConfig
 from quantattn.integrations.torch_sdpa import ForwardRoute
 
 logger = logging.getLogger("quantattn")
@@ -93,6 +93,16 @@ class Plan:
     speeds: dict[str, float] = field(default_factory=lambda: dict(SPEEDS))
     metadata: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.default != FULL_PRECISION and self.default not in VARIANTS:
+            raise ValueError(f"default must be {FULL_PRECISION!r} or one of {sorted(VARIANTS)}, got {self.default!r}")
+        for key, choice in self.layers.items():
+            if (choice.variant == FULL_PRECISION) != (choice.config is None):
+                raise ValueError(f"layers[{key!r}]: variant {choice.variant!r} with config {choice.config}: "
+                                 f"{FULL_PRECISION!r} takes no config, every other variant needs one")  # fmt: skip
+
     @classmethod
     def from_report(cls, report: InspectionReport, tolerance: float, metric: str = "rel_l1", speeds=None) -> Plan:
         if metric not in METRICS:
@@ -124,7 +134,9 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> Plan:
+        """The plan in the file at `path`, checked whole here: a ValueError names the first bad field."""
         d = read_document(path, FORMAT, "plan")
+        check_plan_document(d, str(path))
         layers = {key: LayerChoice.from_dict(c) for key, c in d["layers"].items()}
         return cls(layers, d["tolerance"], d.get("metric", "rel_l1"), d.get("default", FULL_PRECISION),
                    d.get("speeds", {}), d.get("metadata", {}))  # fmt: skip
@@ -169,9 +181,60 @@ class Plan:
 
 
 def _variant(name: str) -> QuantConfig:
-    from quantattn.config import VARIANTS
-
     return VARIANTS[name]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def check_plan_document(d: dict, where: str) -> None:
+    """Raise a ValueError naming the field, "<where>: layers['a#0'].config: ...", unless `d` (a plan
+    file's JSON, format checked already) describes a plan that runs as its counts say."""
+
+    def bad(name: str, message: str):
+        raise ValueError(f"{where}: {name}: {message}")
+
+    if "layers" not in d:
+        bad("layers", "missing (an object {call key: choice})")
+    if not isinstance(d["layers"], dict):
+        bad("layers", f"must be an object {{call key: choice}}, got {type(d['layers']).__name__}")
+    if "tolerance" not in d or not _is_number(d["tolerance"]) or not d["tolerance"] >= 0:
+        bad("tolerance", f"must be a non-negative number, got {d.get('tolerance')!r}")
+    if d.get("metric", "rel_l1") not in METRICS:
+        bad("metric", f"must be one of {METRICS}, got {d['metric']!r}")
+    default = d.get("default", FULL_PRECISION)
+    if default != FULL_PRECISION and default not in VARIANTS:
+        bad("default", f"must be {FULL_PRECISION!r} or one of {sorted(VARIANTS)}, got {default!r}")
+    speeds = d.get("speeds", {})
+    if not isinstance(speeds, dict) or not all(_is_number(x) for x in speeds.values()):
+        bad("speeds", f"must be an object {{variant: TOPS}} of numbers, got {speeds!r}")
+    if not isinstance(d.get("metadata", {}), dict):
+        bad("metadata", f"must be an object, got {type(d['metadata']).__name__}")
+    for key, choice in d["layers"].items():
+        name = f"layers[{key!r}]"
+        owner, _, index = key.rpartition("#")
+        if not owner or not index.isdigit():
+            bad(name, "a call key is '<module name>#<index>' (as the inspector writes it)")
+        if not isinstance(choice, dict):
+            bad(name, f"must be an object with variant, config, error and why, got {type(choice).__name__}")
+        variant, config = choice.get("variant"), choice.get("config")
+        if not isinstance(variant, str) or not variant:
+            bad(f"{name}.variant", f"must be a variant name or {FULL_PRECISION!r}, got {variant!r}")
+        if variant == FULL_PRECISION:
+            if config is not None:
+                bad(f"{name}.config", f"must be null for variant {FULL_PRECISION!r} (torch's SDPA), got {config!r}")
+        elif not isinstance(config, dict):
+            bad(f"{name}.config", f"variant {variant!r} needs a QuantConfig's fields, got {config!r}")
+        else:
+            try:
+                QuantConfig(**config)
+            except (TypeError, ValueError) as exc:
+                bad(f"{name}.config", str(exc))
+        if choice.get("error") is not None and not _is_number(choice["error"]):
+            bad(f"{name}.error", f"must be a number or null, got {choice['error']!r}")
+        if not isinstance(choice.get("why", ""), str):
+            bad(f"{name}.why", f"must be a string, got {choice['why']!r}")
 
 
 class AppliedPlan:

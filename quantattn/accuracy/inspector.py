@@ -48,7 +48,7 @@ def write_document(path, doc: dict) -> Path:
 def read_document(path, fmt: str, what: str) -> dict:
     """A JSON document written by write_document, refused unless its "format" is `fmt`."""
     d = json.loads(Path(path).read_text())
-    if d.get("format") != fmt:
+    if not isinstance(d, dict) or d.get("format") != fmt:
         raise ValueError(f"{path}: not a quantattn {what} ({fmt})")
     return d
 
