@@ -102,7 +102,7 @@ def task_ring(causal, hq, hkv, layout="HND"):
     q, k, v = inputs(2, hq, hkv, layout=layout)
     s = 2 if layout == "HND" else 1
     local = [shard_sequence(t, rank, world, dim=s, zigzag=True) for t in (q, k, v)]
-    out = ring_attention(*local, layout, causal)
+    out = ring_attention(*local, layout, causal, zigzag=True)
     got = to_hnd(gather_sequence(out, dim=s, zigzag=True), layout)
     truth, bound = ring_bound(*(to_hnd(t, layout) for t in (q, k, v)), causal)
     assert torch.isfinite(got).all()
@@ -125,9 +125,11 @@ def task_usp_degenerate(ulysses_size):
     groups = usp_groups(ulysses_size)
     q, k, v = inputs(4, 8, 2, n=4096)
     local = [shard_sequence(t, rank, world, dim=2, zigzag=True, ulysses_size=ulysses_size) for t in (q, k, v)]
-    out = usp_attention(*local, is_causal=True, groups=groups)
+    out = usp_attention(*local, is_causal=True, groups=groups, zigzag=True)
     plain = (
-        ulysses_attention(*local, is_causal=True) if ulysses_size == world else ring_attention(*local, is_causal=True)
+        ulysses_attention(*local, is_causal=True)
+        if ulysses_size == world
+        else ring_attention(*local, is_causal=True, zigzag=True)
     )
     return torch.equal(out, plain)
 
