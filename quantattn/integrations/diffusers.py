@@ -49,7 +49,7 @@ class QuantAttnProcessor:
         if not callable(processor):
             raise TypeError(f"processor must be a diffusers attention processor, got {type(processor).__name__}")
         self.processor = processor
-        self.route = S.Route(config, cpu)
+        self.route = S.Route(config, cpu, setup="apply")
         S.let_dynamo_count_fallbacks()
 
     def _run(self, attn, *args, **kwargs):

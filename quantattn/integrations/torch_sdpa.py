@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import numbers
@@ -57,6 +58,8 @@ class Route:
 
     config: QuantConfig | None = None
     cpu: str = "fallback"
+    # the call that takes `cpu`, for the CPU fallback's hint: "patch", "register" (transformers), ...
+    setup: str = dataclasses.field(default="patch", compare=False)
 
     def __call__(self, original, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         return routed_sdpa(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -117,6 +120,9 @@ def reset_fallbacks() -> None:
         _said.clear()
 
 
+CPU_REASON = "CPU tensors (patch(cpu='reference') runs quantattn's slow reference on them)"
+
+
 def why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, cpu="fallback",
                       scale=None) -> str | None:  # fmt: skip
     """The reason quantattn cannot compute this SDPA call with SDPA's meaning, or None.
@@ -148,7 +154,7 @@ def why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in ACCEPTED_DTYPES:
         return f"dtype {query.dtype} (quantattn takes float16 and bfloat16)"
     if query.device.type == "cpu" and cpu == "fallback":
-        return "CPU tensors (patch(cpu='reference') runs quantattn's slow reference on them)"
+        return CPU_REASON
     if not (query.device == key.device == value.device):
         return "tensors on different devices"
     d = query.shape[-1]
@@ -225,6 +231,8 @@ let_dynamo_count_fallbacks(load_dynamo=False)
 def routed_sdpa(route: Route, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """SDPA's call under `route`: quantattn where it computes SDPA's meaning, else the original SDPA."""
     reason = why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, route.cpu, scale)
+    if reason == CPU_REASON and route.setup != "patch":
+        reason = CPU_REASON.replace("patch(", f"{route.setup}(")
     if reason is not None:
         if _dynamo_knows_fall_back or not torch.compiler.is_compiling():
             _fall_back(reason)
@@ -380,7 +388,7 @@ def unpatch() -> None:
 def patched(config: QuantConfig | None = None, cpu: str = "fallback"):
     """`with quantattn.patched(): ...` runs the block with SDPA swapped for quantattn's: the calls this
     thread makes inside the block (other threads keep theirs)."""
-    route = Route(config, cpu)
+    route = Route(config, cpu, setup="patched")
     let_dynamo_count_fallbacks()
     open_route(route)
     try:
@@ -395,7 +403,7 @@ def attach(module: torch.nn.Module, config: QuantConfig | None = None, cpu: str 
 
     Returns a handle; `handle.remove()` detaches (a forward running meanwhile finishes as it began).
     The patch is undone even if the forward raises."""
-    route = Route(config, cpu)
+    route = Route(config, cpu, setup="attach")
     let_dynamo_count_fallbacks()
     return ForwardRoute(module, route)
 
