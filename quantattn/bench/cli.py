@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
         help=f"least number of timed calls (default {timing.MIN_REPEATS}; short calls get more)",
     )
     p.add_argument(
-        "--stop-after", type=positive_seconds, metavar="SECONDS",
+        "--stop-after", type=seconds_arg, metavar="SECONDS",
         help="measure nothing new after this many seconds; the rest is marked skipped and the table, JSON and chart "
         "are still written (for a command with a time limit)",
     )  # fmt: skip
@@ -110,13 +110,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def positive_seconds(text: str) -> float:
+def seconds_arg(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, got {text}")
     return value
 
 

@@ -43,7 +43,7 @@ def refused(tool: str, argv: list[str], capsys) -> str:
         ("quantattn.accuracy", ["--shape", "1,2,0,64"], "argument --shape: must be a positive integer, got 0"),
         ("quantattn.accuracy", ["--shape", "1,2"], "argument --shape: must be four comma-separated sizes"),
         ("quantattn.bench", ["--warmups", "-1"], "argument --warmups: must be a non-negative integer, got -1"),
-        ("quantattn.bench", ["--stop-after", "-5"], "argument --stop-after: must be a positive number of seconds"),
+        ("quantattn.bench", ["--stop-after", "-5"], "argument --stop-after: must be a non-negative number of seconds"),
         ("quantattn.bench", ["--head-dims", "512"], "argument --head-dims: must be between 1 and 256"),
     ],
 )  # fmt: skip
