@@ -37,10 +37,16 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
     pytest.mark.timeout(300),
 ]
-two_gpus = pytest.mark.skipif(
+_TWO_GPUS = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
     reason=f"needs 2 GPUs of one host, {torch.cuda.device_count() if torch.cuda.is_available() else 0} visible",
 )
+
+
+def two_gpus(test):
+    """Needs 2 GPUs, and them alone: one NCCL process per GPU (gpu_serial, not among xdist's workers)."""
+    return pytest.mark.gpu_serial(_TWO_GPUS(test))
+
 
 RING_VS_SINGLE = 1.2
 EXACT = 1e-12
@@ -210,6 +216,7 @@ def task_group_of_one():
     return results
 
 
+@pytest.mark.gpu_serial  # its own NCCL process on the GPU
 def test_modes_on_a_group_of_one_gpu():
     """P = 1 over NCCL: both modes reduce to one call, exactly."""
     with LocalGroup(1, "nccl", timeout_s=240, env=NCCL_ENV) as group:
