@@ -11,8 +11,8 @@ install:  ## quantattn in editable mode, with test, benchmark and lint tools
 test:  ## the README's test command: every test, GPU tests skip without a GPU
 	PYTHON="$(PYTHON)" bash scripts/test.sh $(ARGS)
 
-test-gpu:  ## only the tests that need an NVIDIA GPU
-	$(PYTHON) -m pytest tests -m gpu $(ARGS)
+test-gpu:  ## the GPU tests: in parallel (pytest-xdist, -n auto), then the gpu_serial ones alone
+	PYTHON="$(PYTHON)" bash scripts/test_gpu.sh $(ARGS)
 
 lint:  ## ruff: no lint findings, code formatted
 	$(PYTHON) -m ruff check .

@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import quantattn
 from quantattn.bench.timing import measure
+from quantattn.cli_args import attention_run_bytes, check_fits, head_dim, positive_int
 from quantattn.config import VARIANTS, QuantConfig
 from quantattn.metrics import accuracy_metrics, attention_ops, make_qkv, tops
 from quantattn.reference import attention_fp64
@@ -46,10 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Speed (NVIDIA GPU only) and accuracy of quantattn's quantized attention on one workload. "
         f"Default workload: GPU {GPU_WORKLOAD}, CPU {CPU_WORKLOAD}; bf16, layout HND.",
     )
-    parser.add_argument("--batch", type=int, help="batch size")
-    parser.add_argument("--heads", type=int, help="attention heads")
-    parser.add_argument("--seq-len", type=int, help="sequence length (queries and keys)")
-    parser.add_argument("--head-dim", type=int, help="head dimension")
+    parser.add_argument("--batch", type=positive_int, help="batch size")
+    parser.add_argument("--heads", type=positive_int, help="attention heads")
+    parser.add_argument("--seq-len", type=positive_int, help="sequence length (queries and keys)")
+    parser.add_argument("--head-dim", type=head_dim, help="head dimension (1..256)")
     parser.add_argument("--causal", action="store_true", help="causal masking")
     parser.add_argument(
         "--variant",
@@ -59,10 +60,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    for name in ("batch", "heads", "seq_len", "head_dim"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    on_gpu = torch.cuda.is_available()
+    workload = {
+        key: getattr(args, key) or default for key, default in (GPU_WORKLOAD if on_gpu else CPU_WORKLOAD).items()
+    }
+    b, h, n, d = (workload[key] for key in ("batch", "heads", "seq_len", "head_dim"))
+    if on_gpu:  # the timed input sets and outputs, or the accuracy slice with its FP64 truth
+        sets = max(1, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / (3 * b * h * n * d * 2))))
+        need = max(attention_run_bytes(b, h, n, n, d, input_sets=sets, fp64=False),
+                   attention_run_bytes(1, min(h, ACCURACY_HEADS), n, n, d))  # fmt: skip
+    else:
+        need = attention_run_bytes(b, h, n, n, d)
+    problem = check_fits(need, torch.device("cuda" if on_gpu else "cpu"), f"B={b}, H={h}, N={n}, d={d}")
+    if problem:
+        parser.error(problem)
+    args.workload = workload
     return args
 
 
@@ -204,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda") if on_gpu else torch.device("cpu")
-    workload = {
-        key: getattr(args, key) or default for key, default in (GPU_WORKLOAD if on_gpu else CPU_WORKLOAD).items()
-    }
+    workload = args.workload
     shape = (workload["batch"], workload["heads"], workload["seq_len"], workload["head_dim"])
     variants = chosen_variants(args.variant or ("default" if on_gpu else "all"), device)
     env = environment(device)

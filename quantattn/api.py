@@ -134,7 +134,9 @@ def sageattn(
     V.check_heads_and_dims(qh.shape, kh.shape, vh.shape)
     cfg = resolve_config(q.device, config, options)
     b, hq, nq, d = qh.shape
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    mask_needs_grad = isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or mask_needs_grad):
+        # a float mask that requires grad takes the same road: there is no mask gradient to give (yet)
         from quantattn.autograd import sageattn_with_grad  # quantized forward, exact-attention gradient
 
         return sageattn_with_grad(
@@ -143,7 +145,7 @@ def sageattn(
     if attn_mask is not None:
         attn_mask = V.check_attn_mask(attn_mask, q, (b, hq, nq, kh.shape[2]))
     if key_lengths is not None:
-        key_lengths = V.check_key_lengths(key_lengths, q, b)
+        key_lengths = V.check_key_lengths(key_lengths, q, b, kh.shape[2])
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device) if return_lse else None
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)

@@ -121,7 +121,7 @@ def _sageattn_fake(q, k, v, tensor_layout, attn_mask, key_lengths, is_causal, sm
     if attn_mask is not None:
         V.check_attn_mask(attn_mask, q, (*qs[:3], to_hnd(k.shape)[2]))
     if key_lengths is not None:
-        V.check_key_lengths(key_lengths, q, qs[0])
+        V.check_key_lengths(key_lengths, q, qs[0], to_hnd(k.shape)[2])
     config, options = unflatten_choices(choices)
     api.resolve_config(q.device, config, options)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -117,9 +117,9 @@ def broadcasts_to(shape, target) -> bool:
     )
 
 
-def check_key_lengths(lengths, q: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-batch numbers of valid keys as int32 [B] (values are clamped to [0, Nk] by the kernels: reading
-    them here would synchronize with the GPU)."""
+def check_key_lengths(lengths, q: torch.Tensor, batch: int, nk: int) -> torch.Tensor:
+    """Per-batch numbers of valid keys as int32 [B], clamped to [0, Nk] on the device (reading them here
+    would synchronize with the GPU), before the cast: an int64 length beyond int32 must not wrap."""
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"key_lengths must be a torch.Tensor or None, got {type(lengths).__name__}")
     if lengths.dtype not in (torch.int32, torch.int64) or lengths.shape != (batch,):
@@ -129,4 +129,4 @@ def check_key_lengths(lengths, q: torch.Tensor, batch: int) -> torch.Tensor:
         )
     if lengths.device != q.device:
         raise ValueError(f"key_lengths must be on q's device ({q.device}), got {lengths.device}")
-    return lengths.to(torch.int32).contiguous()
+    return lengths.clamp(0, nk).to(torch.int32).contiguous()

@@ -49,16 +49,41 @@ CPU_WARNING_FILTER = "ignore:quantattn. CPU tensors run the pure-PyTorch referen
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (skipped where torch.cuda is unavailable)")
+    config.addinivalue_line(
+        "markers",
+        "gpu_serial: needs the GPU to itself (memory peaks, 128K+ keys, its own GPU processes, several GPUs): "
+        "skipped under pytest-xdist, run by the serial step of `make test-gpu`",
+    )
     config.addinivalue_line("markers", "interpreter: runs Triton kernels through TRITON_INTERPRET=1 on the CPU")
+
+
+def under_xdist() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    skip_serial = pytest.mark.skip(
+        reason="gpu_serial: needs the GPU to itself; run `pytest tests -m gpu_serial` without -n (make test-gpu)"
+    )
     has_gpu = torch.cuda.is_available()
     for item in items:
         item.add_marker(pytest.mark.filterwarnings(CPU_WARNING_FILTER))
         if not has_gpu and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        elif under_xdist() and "gpu_serial" in item.keywords:
+            item.add_marker(skip_serial)
+
+
+@pytest.fixture(autouse=True)
+def _release_cached_gpu_memory(request):
+    """Under pytest-xdist several workers share one GPU, and each one's caching allocator keeps the blocks
+    its tests freed: after a large test a worker would hold gigabytes the others need, and they would
+    fail with out-of-memory errors that no test of theirs causes. Hand them back after every GPU test."""
+    yield
+    if under_xdist() and "gpu" in request.keywords and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,4 +350,8 @@ def fresh_integrations():
     yield
     while torch_sdpa._routes:
         torch_sdpa.unpatch()
+    for key, stack in list(torch_sdpa._local.stacks.items()):  # routes this thread left open
+        target = tuple(torch_sdpa._switches[key][:2])
+        for handler in reversed(stack):
+            torch_sdpa.close_route(handler, (target,))
     torch._dynamo.reset()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import math
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from quantattn.accuracy.hooks import CallSites, call_sdpa, intercepted_sdpa, why_not_quantizable
+from quantattn.accuracy.hooks import CallSites, call_sdpa, sdpa_targets, why_not_quantizable
 from quantattn.accuracy.inspector import InspectionReport, inspect_attention, read_document, write_document
 from quantattn.accuracy.speeds import FULL_PRECISION, SPEEDS, SPEEDS_SOURCE
 from quantattn.api import sageattn
-from quantattn.config import QuantConfig
+from quantattn.config import VARIANTS, QuantConfig
+from quantattn.integrations.torch_sdpa import ForwardRoute
 
 logger = logging.getLogger("quantattn")
 FORMAT = "quantattn-plan/1"
@@ -67,8 +70,8 @@ def choose(report: InspectionReport, key: str, tolerance: float, metric: str, sp
     unit = "1 - cosine" if metric == "cosine" else metric
     for rank, name in enumerate(names):
         err = report.error(key, name, metric)
-        if err is None or _badness(metric, err) > tolerance:
-            continue
+        if err is None or not math.isfinite(err) or not _badness(metric, err) <= tolerance:
+            continue  # a NaN or infinite measurement never passes (NaN > tolerance would be False)
         if name == FULL_PRECISION and rank > 0:
             why = f"full precision: no faster candidate within {unit} <= {tolerance:g}"
         else:
@@ -89,6 +92,16 @@ class Plan:
     default: str = FULL_PRECISION
     speeds: dict[str, float] = field(default_factory=lambda: dict(SPEEDS))
     metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.default != FULL_PRECISION and self.default not in VARIANTS:
+            raise ValueError(f"default must be {FULL_PRECISION!r} or one of {sorted(VARIANTS)}, got {self.default!r}")
+        for key, choice in self.layers.items():
+            if (choice.variant == FULL_PRECISION) != (choice.config is None):
+                raise ValueError(f"layers[{key!r}]: variant {choice.variant!r} with config {choice.config}: "
+                                 f"{FULL_PRECISION!r} takes no config, every other variant needs one")  # fmt: skip
 
     @classmethod
     def from_report(cls, report: InspectionReport, tolerance: float, metric: str = "rel_l1", speeds=None) -> Plan:
@@ -121,7 +134,9 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> Plan:
+        """The plan in the file at `path`, checked whole here: a ValueError names the first bad field."""
         d = read_document(path, FORMAT, "plan")
+        check_plan_document(d, str(path))
         layers = {key: LayerChoice.from_dict(c) for key, c in d["layers"].items()}
         return cls(layers, d["tolerance"], d.get("metric", "rel_l1"), d.get("default", FULL_PRECISION),
                    d.get("speeds", {}), d.get("metadata", {}))  # fmt: skip
@@ -166,17 +181,73 @@ class Plan:
 
 
 def _variant(name: str) -> QuantConfig:
-    from quantattn.config import VARIANTS
-
     return VARIANTS[name]
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def check_plan_document(d: dict, where: str) -> None:
+    """Raise a ValueError naming the field, "<where>: layers['a#0'].config: ...", unless `d` (a plan
+    file's JSON, format checked already) describes a plan that runs as its counts say."""
+
+    def bad(name: str, message: str):
+        raise ValueError(f"{where}: {name}: {message}")
+
+    if "layers" not in d:
+        bad("layers", "missing (an object {call key: choice})")
+    if not isinstance(d["layers"], dict):
+        bad("layers", f"must be an object {{call key: choice}}, got {type(d['layers']).__name__}")
+    if "tolerance" not in d or not _is_number(d["tolerance"]) or not d["tolerance"] >= 0:
+        bad("tolerance", f"must be a non-negative number, got {d.get('tolerance')!r}")
+    if d.get("metric", "rel_l1") not in METRICS:
+        bad("metric", f"must be one of {METRICS}, got {d['metric']!r}")
+    default = d.get("default", FULL_PRECISION)
+    if default != FULL_PRECISION and default not in VARIANTS:
+        bad("default", f"must be {FULL_PRECISION!r} or one of {sorted(VARIANTS)}, got {default!r}")
+    speeds = d.get("speeds", {})
+    if not isinstance(speeds, dict) or not all(_is_number(x) for x in speeds.values()):
+        bad("speeds", f"must be an object {{variant: TOPS}} of numbers, got {speeds!r}")
+    if not isinstance(d.get("metadata", {}), dict):
+        bad("metadata", f"must be an object, got {type(d['metadata']).__name__}")
+    for key, choice in d["layers"].items():
+        name = f"layers[{key!r}]"
+        owner, _, index = key.rpartition("#")
+        if not owner or not index.isdigit():
+            bad(name, "a call key is '<module name>#<index>' (as the inspector writes it)")
+        if not isinstance(choice, dict):
+            bad(name, f"must be an object with variant, config, error and why, got {type(choice).__name__}")
+        variant, config = choice.get("variant"), choice.get("config")
+        if not isinstance(variant, str) or not variant:
+            bad(f"{name}.variant", f"must be a variant name or {FULL_PRECISION!r}, got {variant!r}")
+        if variant == FULL_PRECISION:
+            if config is not None:
+                bad(f"{name}.config", f"must be null for variant {FULL_PRECISION!r} (torch's SDPA), got {config!r}")
+        elif not isinstance(config, dict):
+            bad(f"{name}.config", f"variant {variant!r} needs a QuantConfig's fields, got {config!r}")
+        else:
+            try:
+                QuantConfig(**config)
+            except (TypeError, ValueError) as exc:
+                bad(f"{name}.config", str(exc))
+        if choice.get("error") is not None and not _is_number(choice["error"]):
+            bad(f"{name}.error", f"must be a number or null, got {choice['error']!r}")
+        if not isinstance(choice.get("why", ""), str):
+            bad(f"{name}.why", f"must be a string, got {choice['why']!r}")
+
+
 class AppliedPlan:
-    """A plan attached to a model. `counts` holds how many calls ran each variant (by key and variant)."""
+    """A plan attached to a model. `counts` holds how many calls ran each variant (by key and variant).
+
+    The plan routes the SDPA calls of the thread that runs the model's forward, while it runs: the same
+    model in two threads, or two models with two plans, each run their own plan, and other threads keep
+    torch's SDPA."""
 
     def __init__(self, plan: Plan, model: torch.nn.Module, targets=None, hook: str = "all"):
         self.plan = plan
         self.counts: Counter = Counter()
+        self._counts_lock = threading.Lock()
         modules = dict(model.named_modules())
         owners = {key.rsplit("#", 1)[0] for key in plan.layers}
         owners = {"" if o == "<model>" else o for o in owners}
@@ -184,35 +255,19 @@ class AppliedPlan:
         if missing:
             logger.warning("quantattn plan: the model has no module %s; their calls run the plan's default", missing)
         self._sites = CallSites(model, None if hook == "all" else owners | {""})
-        self._targets = targets
-        self._patch = None
-        self._depth = 0
-        self._hooks = [
-            model.register_forward_pre_hook(self._enter),
-            model.register_forward_hook(self._leave, always_call=True),
-        ]
-
-    def _enter(self, module, args):
         # registered after the call-site hooks, so the root's own frame is on the stack first
-        self._depth += 1
-        if self._depth == 1:
-            self._patch = intercepted_sdpa(self._on_call, self._targets)
-            self._patch.__enter__()
-
-    def _leave(self, module, args, output):
-        self._depth -= 1
-        if self._depth == 0 and self._patch is not None:
-            self._patch.__exit__(None, None, None)
-            self._patch = None
+        self._route = ForwardRoute(model, self._on_call, sdpa_targets(targets))
 
     def _on_call(self, original, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         site = self._sites.next_key()
         choice = self.plan.layers.get(site)
         name = choice.variant if choice is not None else self.plan.default
         cfg = self.plan.config_for(site)
-        if cfg is not None and why_not_quantizable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+        if cfg is not None and why_not_quantizable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
+                                                   scale):  # fmt: skip
             cfg, name = None, FULL_PRECISION
-        self.counts[(site, name)] += 1
+        with self._counts_lock:
+            self.counts[(site, name)] += 1
         if cfg is None:
             return call_sdpa(original, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         backend = "reference" if query.device.type == "cpu" else "auto"
@@ -223,12 +278,9 @@ class AppliedPlan:
             )
 
     def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
+        """Detach the plan (a forward running meanwhile finishes on it)."""
+        self._route.remove()
         self._sites.remove()
-        if self._patch is not None:
-            self._patch.__exit__(None, None, None)
-            self._patch = None
 
 
 class _Applied:

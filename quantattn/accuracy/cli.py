@@ -17,6 +17,7 @@ import quantattn
 from quantattn.accuracy.ablation import ABLATION_GROUPS, ABLATIONS, Shape, ablation_rows, format_summary, format_tables
 from quantattn.accuracy.ablation import groups_of_variants as _variants_group
 from quantattn.bench.cases import parse_seq_len
+from quantattn.cli_args import attention_run_bytes, check_fits, head_dim, positive_int, shape_arg
 
 GPU_DEFAULTS = {"head_dims": (64, 128), "seq_lens": (1024, 4096, 16384), "batch": 1, "heads": 8}
 # the reference's tiled loop is slow on a CPU: shorter sequences and fewer heads (~2 minutes on 2 cores)
@@ -39,11 +40,13 @@ def parser() -> argparse.ArgumentParser:
         "and the PyTorch reference elsewhere. Defaults: GPU "
         f"{GPU_DEFAULTS}; CPU {CPU_DEFAULTS}.",
     )
-    p.add_argument("--head-dims", type=int, nargs="+", help="head dimensions")
+    p.add_argument("--head-dims", type=head_dim, nargs="+", help="head dimensions (1..256)")
     p.add_argument("--seq-lens", type=_length, nargs="+", help="sequence lengths (queries = keys), e.g. 1K 4096")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--shape", help="one shape B,H,N,d instead of --head-dims/--seq-lens/--batch/--heads")
+    p.add_argument("--batch", type=positive_int)
+    p.add_argument("--heads", type=positive_int)
+    p.add_argument(
+        "--shape", type=shape_arg, help="one shape B,H,N,d instead of --head-dims/--seq-lens/--batch/--heads"
+    )
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="input dtype (default bf16)")
     p.add_argument("--groups", nargs="+", metavar="GROUP", help=f"knobs to run (default all): {list(ABLATION_GROUPS)}")
@@ -91,27 +94,33 @@ def metadata(argv, device: str, backends: list[str], dtype: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
     if args.shape:
-        b, h, n, d = (int(x) for x in args.shape.split(","))
-        shapes = [Shape(b, h, n, d)]
+        shapes = [Shape(*args.shape)]
     else:
         b, h = args.batch or defaults["batch"], args.heads or defaults["heads"]
         shapes = [Shape(b, h, n, d) for d in args.head_dims or defaults["head_dims"]
                   for n in args.seq_lens or defaults["seq_lens"]]  # fmt: skip
+    largest = max(shapes, key=lambda s: attention_run_bytes(s.batch, s.heads, s.seq_len, s.seq_len, s.head_dim))
+    need = attention_run_bytes(largest.batch, largest.heads, largest.seq_len, largest.seq_len, largest.head_dim)
+    b, h, n, d = largest.batch, largest.heads, largest.seq_len, largest.head_dim
+    problem = check_fits(need, torch.device(device), f"B={b}, H={h}, N={n}, d={d}")
+    if problem:
+        cli.error(problem)
     if args.variants == ["all"]:
         args.variants = list(ABLATIONS)
     if args.variants:
         unknown = [v for v in args.variants if v not in ABLATIONS]
         if unknown:
-            parser().error(f"unknown variants {unknown}; known: {list(ABLATIONS)}")
+            cli.error(f"unknown variants {unknown}; known: {list(ABLATIONS)}")
         groups = _variants_group(args.variants)
     else:
         unknown = [g for g in args.groups or () if g not in ABLATION_GROUPS]
         if unknown:
-            parser().error(f"unknown groups {unknown}; known: {list(ABLATION_GROUPS)}")
+            cli.error(f"unknown groups {unknown}; known: {list(ABLATION_GROUPS)}")
         groups = {g: ABLATION_GROUPS[g] for g in args.groups or ABLATION_GROUPS}
     backend = args.backend if args.backend != "auto" else ("triton" if device == "cuda" else "reference")
     backends = [backend] + (["reference"] if args.with_reference and backend != "reference" else [])

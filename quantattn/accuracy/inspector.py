@@ -48,7 +48,7 @@ def write_document(path, doc: dict) -> Path:
 def read_document(path, fmt: str, what: str) -> dict:
     """A JSON document written by write_document, refused unless its "format" is `fmt`."""
     d = json.loads(Path(path).read_text())
-    if d.get("format") != fmt:
+    if not isinstance(d, dict) or d.get("format") != fmt:
         raise ValueError(f"{path}: not a quantattn {what} ({fmt})")
     return d
 
@@ -255,7 +255,7 @@ class Inspector:
         return out
 
     def _measure(self, site, out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-        reason = why_not_quantizable(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
+        reason = why_not_quantizable(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, scale)
         if reason is None or reason.startswith("dtype") or reason.startswith("attn_mask"):
             stats = call_stats(q, k, v, is_causal, scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
         else:

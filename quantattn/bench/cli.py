@@ -26,6 +26,7 @@ from quantattn.bench.environment import positive_arg, run_metadata, seq_len_arg
 from quantattn.bench.impls import ALL_NAMES, build
 from quantattn.bench.runner import BrokenDevice, Runner, Settings
 from quantattn.bench.workloads import workload_arg
+from quantattn.cli_args import attention_run_bytes, check_fits, head_dim, non_negative_int
 
 DEFAULT_OUT = Path("bench/results")
 QUICK_TIMING = {"min_repeats": 30, "max_repeats": 100, "target_s": 0.1}
@@ -55,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
         f"timing, {timing.WARMUPS} warm-ups after a compile call, median of >= {timing.MIN_REPEATS} repeats. "
         "--quick: head_dim 128, N 1K 4K 16K, causal off.",
     )
-    p.add_argument("--head-dims", type=positive_arg, nargs="+", metavar="D", help="head dimensions (default: 64 128)")
+    p.add_argument("--head-dims", type=head_dim, nargs="+", metavar="D", help="head dimensions (default: 64 128)")
     p.add_argument(
         "--seq-lens",
         type=seq_len_arg,
@@ -78,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="name part of the output files (default: the GPU's name, plus '_quick')")
     p.add_argument(
         "--warmups",
-        type=int,
+        type=non_negative_int,
         default=timing.WARMUPS,
         help=f"warm-up calls after the compile call (default {timing.WARMUPS})",
     )
@@ -88,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
         help=f"least number of timed calls (default {timing.MIN_REPEATS}; short calls get more)",
     )
     p.add_argument(
-        "--stop-after", type=float, metavar="SECONDS",
+        "--stop-after", type=seconds_arg, metavar="SECONDS",
         help="measure nothing new after this many seconds; the rest is marked skipped and the table, JSON and chart "
         "are still written (for a command with a time limit)",
     )  # fmt: skip
@@ -129,6 +130,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, got {text}")
+    return value
+
+
+def memory_problem(settings: Settings) -> str | None:
+    """Whether the largest case (its rotated input sets, outputs and quantized K/V) or the accuracy slice
+    [1, 8, N, d] with its FP64 truth would not fit: checked before anything is allocated."""
+    device = torch.device(settings.device)
+    d, n = max(settings.head_dims), max(settings.seq_lens)
+    case = C.Case(d, False, n, settings.batch, settings.heads)
+    need = attention_run_bytes(settings.batch, settings.heads, n, n, d, input_sets=case.input_sets, fp64=False)
+    if settings.accuracy:
+        n_acc = settings.accuracy_seq_len
+        need = max(need, attention_run_bytes(1, 8, n_acc, n_acc, d))
+    return check_fits(need, device, f"the largest case (B={settings.batch}, H={settings.heads}, N={n}, d={d})")
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     t = QUICK_TIMING if args.quick else FULL_TIMING
     min_repeats = args.repeats if args.repeats is not None else t["min_repeats"]
@@ -140,7 +164,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         heads=args.heads,
         accuracy=not args.no_accuracy,
         accuracy_seq_len=args.accuracy_seq_len,
-        warmups=max(0, args.warmups),
+        warmups=args.warmups,
         min_repeats=min_repeats,
         max_repeats=max(min_repeats, t["max_repeats"]),
         target_s=t["target_s"],
@@ -315,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     if workloads:
         return run_workloads(args, argv)
     settings = settings_from(args)
+    problem = memory_problem(settings)
+    if problem:
+        parser().error(problem)
     impls = build(chosen_names(args), device=settings.device)
     date = dt.datetime.now().astimezone()
     tag = default_tag(args)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import platform
 import statistics
@@ -113,7 +114,8 @@ def _measure(settings: dict, n: int, causal: bool, device: torch.device):
     if rank == 0:
         t1, single = _time_ms(lambda: quantattn.sageattn(q, k, v, is_causal=causal), settings["repeats"], device, False)
     dist.barrier()
-    modes = {"ulysses": (ulysses_attention, False), "ring": (ring_attention, True)}
+    ring = functools.partial(ring_attention, zigzag=True)  # the layout shard_sequence gives it below
+    modes = {"ulysses": (ulysses_attention, False), "ring": (ring, True)}
     for name in settings["modes"]:
         fn, zigzag = modes[name]
         local = [shard_sequence(t, rank, world, dim=2, zigzag=zigzag) for t in (q, k, v)]

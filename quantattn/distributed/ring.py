@@ -65,7 +65,7 @@ def ring_attention(
     return_lse: bool = False,
     *,
     group=None,
-    zigzag: bool = True,
+    zigzag: bool | None = None,
     attention=None,
     check_shards: bool = True,
     **options,
@@ -74,10 +74,11 @@ def ring_attention(
 
     q: this rank's shard, [B, Hq, n, d] ("HND") or [B, n, Hq, d] ("NHD"); k, v: [B, Hkv, nk, d] likewise,
     any head counts quantattn.sageattn takes (grouped-query attention included).
-    zigzag: with is_causal, shards are in the zig-zag layout (shard_sequence(..., zigzag=True)), which
-    balances the causal work; zigzag=False takes contiguous shards (rank r: tokens [r n, (r+1) n)), where
-    rank r has r + 1 blocks of work and the last rank sets the pace. Without is_causal any layout works
-    (the result does not depend on where the keys are), and nk may differ from n.
+    zigzag: how the sequence was sharded, required with is_causal (the shards cannot tell, and the wrong
+    one gives a wrong result): True for the zig-zag layout (shard_sequence(..., zigzag=True)), which
+    balances the causal work; False for contiguous shards (rank r: tokens [r n, (r+1) n)), where rank r has
+    r + 1 blocks of work and the last rank sets the pace. Without is_causal any layout works (the result
+    does not depend on where the keys are), and nk may differ from n.
     attention: the local attention, called once per step with return_lse=True (default quantattn.sageattn,
     whose lse is what the merge needs: natural log, of the unsmoothed scores); it receives tensor_layout,
     is_causal, sm_scale, return_lse and **options (config=, backend=, qk_quant_gran=, ...) as keywords.
@@ -91,6 +92,14 @@ def ring_attention(
     n, nk = q.shape[s], k.shape[s]
     if is_causal and n != nk:
         raise ValueError(f"ring_attention: with is_causal, query and key shards must have one length, got {n} and {nk}")
+    if zigzag is not None and not isinstance(zigzag, bool):
+        raise TypeError(f"ring_attention: zigzag must be True, False or None, got {zigzag!r}")
+    if is_causal and zigzag is None:
+        raise ValueError(
+            "ring_attention: with is_causal, say how the sequence was sharded: zigzag=True for "
+            "shard_sequence(..., zigzag=True) (balanced causal work), zigzag=False for contiguous shards (rank r "
+            "holds tokens [r n, (r+1) n)); the tensors cannot tell, and the wrong layout gives a wrong result"
+        )
     if is_causal and zigzag and n % 2:
         raise ValueError(f"ring_attention: zig-zag shards hold two equal chunks, so an even length; got {n}")
     if attention is None:

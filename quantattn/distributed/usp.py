@@ -52,13 +52,14 @@ def usp_attention(
     return_lse: bool = False,
     *,
     groups: UspGroups,
-    zigzag: bool = True,
+    zigzag: bool | None = None,
     attention=None,
     check_shards: bool = True,
     **options,
 ):
     """Attention over a sequence sharded in USP's layout (shard_sequence(..., zigzag=zigzag,
-    ulysses_size=groups.ulysses_size)); shapes and options as in ulysses_attention and ring_attention.
+    ulysses_size=groups.ulysses_size)); shapes and options as in ulysses_attention and ring_attention
+    (zigzag, required with is_causal, as there).
     Hq must be a multiple of the Ulysses size. Returns this rank's output shard, and the lse with return_lse."""
     if not isinstance(groups, UspGroups):
         raise TypeError(f"groups must be the UspGroups that usp_groups() returns, got {type(groups).__name__}")

@@ -8,7 +8,7 @@ diffusers' own processors (AttnProcessor2_0, JointAttnProcessor2_0 in SD3, FluxA
 others on the native backend) compute projections, normalizations, rotary embeddings and joint
 text-image attention themselves and call `torch.nn.functional.scaled_dot_product_attention` for the
 attention. `QuantAttnProcessor` wraps such a processor and runs it with that function swapped for
-`quantattn.sdpa` (`quantattn.patch` for the duration of the call), so every model keeps its own
+`quantattn.sdpa` (`quantattn.patched()` for the duration of the call, in its thread), so every model keeps its own
 attention logic and only the attention product is quantized; calls quantattn does not take fall back
 to torch's SDPA, counted in `quantattn.integrations.fallbacks`. The wrapper shows diffusers the wrapped
 processor's call signature, which diffusers reads to decide which keyword arguments to pass on.
@@ -49,7 +49,7 @@ class QuantAttnProcessor:
         if not callable(processor):
             raise TypeError(f"processor must be a diffusers attention processor, got {type(processor).__name__}")
         self.processor = processor
-        self.route = S.Route(config, cpu)
+        self.route = S.Route(config, cpu, setup="apply")
         S.let_dynamo_count_fallbacks()
 
     def _run(self, attn, *args, **kwargs):
@@ -57,7 +57,7 @@ class QuantAttnProcessor:
         try:
             return self.processor(attn, *args, **kwargs)
         finally:
-            S.pop_route()
+            S.pop_route(self.route)
 
     def __repr__(self) -> str:
         return f"QuantAttnProcessor({self.processor!r}, config={self.route.config}, cpu={self.route.cpu!r})"

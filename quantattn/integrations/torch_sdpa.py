@@ -5,6 +5,13 @@ compute with SDPA's meaning, and hands every other call to the original SDPA, co
 and saying each one once. `patch()` / `unpatch()` / `patched()` swap it into `torch.nn.functional`;
 `attach()` does so only while one module runs.
 
+Routing is per thread. While any route is open, `F.scaled_dot_product_attention` is `quantattn.sdpa`,
+which sends each call to the calling thread's innermost route (`patched()`, an attached forward, a
+calibration plan), else to the process-wide `patch()`, else to torch's SDPA: two models attached with
+different variants and run in two threads each get their own, and a third thread's calls stay torch's.
+Open routes are counted, so the original function is back exactly when the last one closes, in whatever
+order they close. (Threads, not asyncio tasks: Dynamo can trace a `threading.local`, not a ContextVar.)
+
 Everything on the call path compiles under `torch.compile(fullgraph=True)`: the fallback decision reads
 only shapes, dtypes, devices and flags, and the lock that guards patching is skipped while Dynamo traces
 (tracing is single-threaded). Dynamo can trace neither that lock nor the logger, so under torch.compile a
@@ -17,6 +24,9 @@ fell back and why.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import numbers
 import sys
 import threading
 from dataclasses import dataclass
@@ -48,6 +58,11 @@ class Route:
 
     config: QuantConfig | None = None
     cpu: str = "fallback"
+    # the call that takes `cpu`, for the CPU fallback's hint: "patch", "register" (transformers), ...
+    setup: str = dataclasses.field(default="patch", compare=False)
+
+    def __call__(self, original, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        return routed_sdpa(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     def __post_init__(self):
         if self.cpu not in CPU_MODES:
@@ -58,21 +73,64 @@ class Route:
 
 DEFAULT_ROUTE = Route()
 
-# One Route per active patch; the innermost one rules.
+
+class _ThreadRoutes(threading.local):
+    """Each thread's open routes: {target key: (handler, ...)}, the innermost last."""
+
+    def __init__(self):
+        self.stacks: dict[tuple[int, str], tuple] = {}
+
+
+_local = _ThreadRoutes()
+# patch(): process-wide Routes, innermost last; a thread's own routes (patched(), attach(), plans) rule over them
 _routes: list[Route] = []
+# patched attributes: key -> [object, attribute, original, dispatcher, open routes in all threads]
+_switches: dict[tuple[int, str], list] = {}
+SDPA_TARGET = (F, "scaled_dot_product_attention")
+
+
+def _key(obj, attr: str) -> tuple[int, str]:
+    return (id(obj), attr)
+
+
+SDPA_KEY = _key(*SDPA_TARGET)
+
+
+def _innermost(key):
+    """The handler that a call to the patched attribute `key` made now, in this thread, goes to (or None)."""
+    stack = _local.stacks.get(key, ())
+    if stack:
+        return stack[-1]
+    if key == SDPA_KEY and _routes:
+        return _routes[-1]
+    return None
 
 
 def _active() -> Route:
+    """The innermost Route of this thread (routes of a calibration plan are skipped), else the default."""
+    for handler in reversed(_local.stacks.get(SDPA_KEY, ())):
+        if isinstance(handler, Route):
+            return handler
     return _routes[-1] if _routes else DEFAULT_ROUTE
 
 
-def why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, cpu="fallback") -> str | None:
+CPU_REASON = "CPU tensors (patch(cpu='reference') runs quantattn's slow reference on them)"
+
+
+def why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, cpu="fallback",
+                      scale=None) -> str | None:  # fmt: skip
     """The reason quantattn cannot compute this SDPA call with SDPA's meaning, or None.
 
-    Reads only types, shapes, dtypes, devices and flags, never tensor values: under torch.compile the
-    decision is made once, when the graph is traced, and guarded like any other shape check."""
+    Reads only types, shapes, dtypes, devices, flags and the scale, never tensor values: under
+    torch.compile the decision is made once, when the graph is traced, and guarded like any other shape
+    check."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return "inputs are not tensors"
+    if scale is not None and not (
+        isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale) and scale != 0
+    ):
+        # SDPA computes with any float (0: uniform weights; NaN: NaN); sageattn refuses those scales
+        return "scale is zero, not finite or not a number"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return "inputs are not 4-D [B, H, N, d]"
     if attn_mask is not None:
@@ -90,7 +148,7 @@ def why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in ACCEPTED_DTYPES:
         return f"dtype {query.dtype} (quantattn takes float16 and bfloat16)"
     if query.device.type == "cpu" and cpu == "fallback":
-        return "CPU tensors (patch(cpu='reference') runs quantattn's slow reference on them)"
+        return CPU_REASON
     if not (query.device == key.device == value.device):
         return "tensors on different devices"
     d = query.shape[-1]
@@ -148,6 +206,10 @@ def let_dynamo_count_fallbacks(load_dynamo: bool = True) -> None:
     global _dynamo_knows_fall_back
     if _dynamo_knows_fall_back or (not load_dynamo and "torch._dynamo" not in sys.modules):
         return
+    if torch.compiler.is_compiling():
+        # Dynamo refuses assume_constant_result while it traces (patched() inside a compiled function
+        # before any eager patch): this graph's fallbacks go uncounted, the next eager call marks it
+        return
     torch.compiler.assume_constant_result(_fall_back)  # marks the function; eager calls are unchanged
     _dynamo_knows_fall_back = True
 
@@ -157,7 +219,9 @@ let_dynamo_count_fallbacks(load_dynamo=False)
 
 def routed_sdpa(route: Route, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """SDPA's call under `route`: quantattn where it computes SDPA's meaning, else the original SDPA."""
-    reason = why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, route.cpu)
+    reason = why_not_quantized(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, route.cpu, scale)
+    if reason == CPU_REASON and route.setup != "patch":
+        reason = CPU_REASON.replace("patch(", f"{route.setup}(")
     if reason is not None:
         if _dynamo_knows_fall_back or not torch.compiler.is_compiling():
             _fall_back(reason)
@@ -183,7 +247,37 @@ def sdpa(
 ):
     """Drop-in for `torch.nn.functional.scaled_dot_product_attention` (same arguments, same result
     within quantattn's accuracy); see the module's docstring for when it falls back."""
-    return routed_sdpa(_active(), query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    handler = _innermost(SDPA_KEY)
+    if handler is None:
+        handler = DEFAULT_ROUTE
+    switch = _switches.get(SDPA_KEY)
+    original = switch[2] if switch is not None else ORIGINAL_SDPA  # what F held when the routes began
+    return handler(original, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def call_sdpa(original, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """The original SDPA with the arguments it was called with (enable_gqa only where given: older
+    torch versions do not take it)."""
+    kwargs = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
+    if enable_gqa:
+        kwargs["enable_gqa"] = enable_gqa
+    return original(query, key, value, **kwargs)
+
+
+def _dispatcher(key, original):
+    """The function that stands in for `original` while routes are open: each call goes to the calling
+    thread's innermost handler, or to `original` where that thread has none."""
+    if key == SDPA_KEY:
+        return sdpa
+
+    def dispatch(query, key_, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        handler = _innermost(key)
+        if handler is None:
+            return call_sdpa(original, query, key_, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return handler(original, query, key_, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    dispatch.__wrapped__ = original
+    return dispatch
 
 
 def _guard():
@@ -191,65 +285,147 @@ def _guard():
     return contextlib.nullcontext() if torch.compiler.is_compiling() else _lock
 
 
+def _hold(obj, attr: str) -> None:
+    """One more open route on obj.attr: the dispatcher is put in place by the first."""
+    key = _key(obj, attr)
+    with _guard():
+        switch = _switches.get(key)
+        if switch is None:
+            original = getattr(obj, attr)
+            switch = _switches[key] = [obj, attr, original, _dispatcher(key, original), 0]
+            setattr(obj, attr, switch[3])
+        switch[4] += 1
+
+
+def _release(obj, attr: str) -> None:
+    """One route fewer on obj.attr: the last one puts the original back (unless something else has
+    replaced the dispatcher since, which is then left alone)."""
+    key = _key(obj, attr)
+    with _guard():
+        switch = _switches[key]
+        switch[4] -= 1
+        if switch[4] == 0:
+            del _switches[key]
+            if getattr(obj, attr) is switch[3]:
+                setattr(obj, attr, switch[2])
+
+
+def open_route(handler, targets=(SDPA_TARGET,)) -> None:
+    """Route this thread's calls of each (object, attribute) in `targets` to `handler(original, query,
+    key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)` until close_route(handler, targets)
+    in the same thread. Other threads' calls are not affected; routes nest, the innermost rules."""
+    for obj, attr in targets:
+        _hold(obj, attr)
+        key = _key(obj, attr)
+        _local.stacks[key] = (*_local.stacks.get(key, ()), handler)
+
+
+def close_route(handler, targets=(SDPA_TARGET,)) -> None:
+    """Close this thread's innermost route to `handler` on `targets` (open_route's)."""
+    for obj, attr in targets:
+        key = _key(obj, attr)
+        stack = _local.stacks.get(key, ())
+        where = len(stack) - 1
+        while where >= 0 and stack[where] is not handler:
+            where -= 1
+        if where < 0:
+            raise RuntimeError(f"no open route to {handler!r} on {attr} in this thread")
+        rest = stack[:where] + stack[where + 1 :]
+        if rest:
+            _local.stacks[key] = rest
+        else:
+            del _local.stacks[key]
+        _release(obj, attr)
+
+
 def push_route(route: Route) -> None:
-    """Swap SDPA for quantattn's under `route` (validated already); pop_route() undoes it."""
-    with _guard():
-        _routes.append(route)
-        F.scaled_dot_product_attention = sdpa
+    """Route this thread's SDPA calls to quantattn's under `route` (validated already); pop_route() undoes it."""
+    open_route(route)
 
 
-def pop_route() -> None:
-    with _guard():
-        if not _routes:
-            raise RuntimeError("unpatch() without a matching patch()")
-        _routes.pop()
-        if not _routes:
-            F.scaled_dot_product_attention = ORIGINAL_SDPA
+def pop_route(route: Route) -> None:
+    close_route(route)
 
 
 def patch(config: QuantConfig | None = None, cpu: str = "fallback") -> None:
-    """Make `torch.nn.functional.scaled_dot_product_attention` quantattn's `sdpa` until `unpatch()`.
+    """Make `torch.nn.functional.scaled_dot_product_attention` quantattn's `sdpa` until `unpatch()`, in
+    every thread (process-wide setup; `patched()` and `attach()` route one thread's calls only).
 
     config: the variant to run (default: the device's default). cpu: "fallback" (CPU calls go to torch's
     SDPA) or "reference" (they run quantattn's slow PyTorch reference). Code that imported the function
     itself (`from torch.nn.functional import scaled_dot_product_attention`) before patching keeps the
-    original. Patches nest: each patch() needs its unpatch(), and the innermost one's settings rule."""
+    original. Patches nest: each patch() needs its unpatch(), and the innermost one's settings rule; a
+    thread's own patched() or attach() rules over them."""
     route = Route(config, cpu)
     let_dynamo_count_fallbacks()
-    push_route(route)
+    with _guard():
+        _routes.append(route)
+    _hold(*SDPA_TARGET)
 
 
 def unpatch() -> None:
-    """Undo the last patch(); the original SDPA is back (the very same function) once every patch()
-    has been undone."""
-    pop_route()
+    """Undo the last patch(); the original SDPA is back (the very same function) once every patch(),
+    patched() and attach()ed forward has ended."""
+    with _guard():
+        if not _routes:
+            raise RuntimeError("unpatch() without a matching patch()")
+        _routes.pop()
+    _release(*SDPA_TARGET)
 
 
 @contextlib.contextmanager
 def patched(config: QuantConfig | None = None, cpu: str = "fallback"):
-    """`with quantattn.patched(): ...` runs the block with SDPA swapped for quantattn's."""
-    patch(config, cpu)
+    """`with quantattn.patched(): ...` runs the block with SDPA swapped for quantattn's: the calls this
+    thread makes inside the block (other threads keep theirs)."""
+    route = Route(config, cpu, setup="patched")
+    let_dynamo_count_fallbacks()
+    open_route(route)
     try:
         yield
     finally:
-        unpatch()
+        close_route(route)
 
 
 def attach(module: torch.nn.Module, config: QuantConfig | None = None, cpu: str = "fallback"):
-    """Patch SDPA only while `module` runs its forward (other models stay on torch's SDPA).
+    """Patch SDPA only while `module` runs its forward, and only for that forward's thread (other
+    models, and other threads, stay on torch's SDPA).
 
-    Returns a handle; `handle.remove()` detaches. The patch is undone even if the forward raises."""
-    route = Route(config, cpu)
+    Returns a handle; `handle.remove()` detaches (a forward running meanwhile finishes as it began).
+    The patch is undone even if the forward raises."""
+    route = Route(config, cpu, setup="attach")
     let_dynamo_count_fallbacks()
-    pre = module.register_forward_pre_hook(lambda mod, args: push_route(route))
-    post = module.register_forward_hook(lambda mod, args, out: pop_route(), always_call=True)
-    return _Handles(pre, post)
+    return ForwardRoute(module, route)
 
 
-class _Handles:
-    def __init__(self, *handles):
-        self._handles = handles
+class ForwardRoute:
+    """Opens a route to `handler` (open_route's) on `targets` while `module` runs its forward, in the
+    forward's thread. remove() stops it for forwards that start later; one that is running meanwhile
+    still closes its route when it ends."""
+
+    def __init__(self, module: torch.nn.Module, handler, targets=(SDPA_TARGET,)):
+        self._handler, self._targets = handler, tuple(targets)
+        self._running = 0
+        self._removed = False
+        self._pre = module.register_forward_pre_hook(self._enter)
+        self._post = module.register_forward_hook(self._leave, always_call=True)
+
+    def _enter(self, module, args):
+        with _guard():
+            self._running += 1
+        open_route(self._handler, self._targets)
+
+    def _leave(self, module, args, output):
+        close_route(self._handler, self._targets)
+        with _guard():
+            self._running -= 1
+            last = self._removed and self._running == 0
+        if last:
+            self._post.remove()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self._pre.remove()
+        with _guard():
+            self._removed = True
+            idle = self._running == 0
+        if idle:
+            self._post.remove()

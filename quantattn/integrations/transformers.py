@@ -38,7 +38,7 @@ def register(name: str = NAME, config: QuantConfig | None = None, cpu: str = "fa
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if name in ("sdpa", "eager") or "flash" in name or "flex" in name or "paged" in name:
         raise ValueError(f"name {name!r} is one of transformers' own implementations (or looks like one)")
-    route = S.Route(config, cpu)
+    route = S.Route(config, cpu, setup="register")
     S.let_dynamo_count_fallbacks()
     transformers.AttentionInterface.register(name, _attention_function(name, route))
     # without a mask function of its own, transformers would hand this implementation no mask at all

@@ -7,6 +7,7 @@ allocator's peak to it)."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -435,9 +436,26 @@ def sequences(call_tensor: torch.Tensor, cu_seqlens, max_seqlen: int, lengths=No
     return Sequences(cu_seqlens.numel() - 1, 0, max_seqlen, cu_seqlens.to(torch.int32))
 
 
+INTERPRETER_FP8_PV_NOTE = (
+    "quantattn: under the Triton interpreter, FP8 P.V products lose NaN and Inf (triton 3.6's interpreter "
+    "decodes the E4M3 NaN as 480 inside tl.dot), so a NaN or Inf in V can come out finite here; the numbers "
+    "are otherwise the kernel's. NaN propagation is checked on the GPU (tests/gpu/test_kernels_gpu.py)."
+)
+_said_interpreter_fp8_pv = False
+
+
+def say_what_the_interpreter_cannot_check(cfg: QuantConfig, device: torch.device) -> None:
+    """Warn once per process when an FP8-PV call runs through the interpreter (CPU tensors)."""
+    global _said_interpreter_fp8_pv
+    if cfg.is_fp8_pv and device.type == "cpu" and not _said_interpreter_fp8_pv:
+        _said_interpreter_fp8_pv = True
+        warnings.warn(INTERPRETER_FP8_PV_NOTE, stacklevel=4)
+
+
 def sage_forward(call) -> None:
     """Whole call: preprocess K/V, then the attention kernel (Q is quantized inside it)."""
     dev = call.q.device
+    say_what_the_interpreter_cannot_check(call.cfg, dev)
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):  # Triton compiles for and launches on the current device
             return sage_forward(call)

@@ -253,6 +253,20 @@ def test_varlen_and_masks_with_grad_raise_clearly():
         quantattn.sageattn_varlen(*packed, cu, cu, 10, 10)  # no gradient needed: fine
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_mask_that_requires_grad_raises_like_inputs_that_do(backend):
+    """A float mask whose gradient is wanted, with q, k and v that need none: no silently missing or wrong
+    mask gradient, the error that a mask with q.requires_grad gives (on every backend: it is raised
+    before one is chosen)."""
+    q, k, v, _ = make(11, hq=2, hkv=2, nq=16, nk=16, d=8)
+    mask = torch.randn(16, 16, generator=torch.Generator().manual_seed(11)).requires_grad_()
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        quantattn.sageattn(q, k, v, attn_mask=mask, backend=backend)
+    with torch.no_grad():  # no gradient recorded: the mask is an ordinary input
+        out = quantattn.sageattn(q, k, v, attn_mask=mask, backend="reference")
+    assert torch.equal(out, quantattn.sageattn(q, k, v, attn_mask=mask.detach(), backend="reference"))
+
+
 def test_sdpa_trains_on_quantattn_and_falls_back_where_it_cannot():
     q, k, v, do = make(11, hq=2, hkv=2, nq=32, nk=32, d=16)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -60,6 +60,73 @@ def test_choice_is_the_fastest_within_the_tolerance():
     assert cos_plan.layers["b#0"].variant == "sage2++"
 
 
+@pytest.mark.parametrize("metric", ["rel_l1", "cosine", "max_abs"])
+def test_non_finite_errors_never_pass(metric):
+    """NaN compares False with everything: `nan > tolerance` let a NaN measurement through, and the
+    fastest (least accurate) variant won. NaN and infinite errors must count as failures."""
+    nan, inf = float("nan"), float("inf")
+    report = fake_report({
+        "a#0": {"sdpa": 0.002, "sage2-8b": nan, "sage2++": inf, "sage1": 0.01},
+        "b#0": {"sdpa": 0.002, "sage2-8b": nan, "sage2++": nan, "sage1": nan},
+    })  # fmt: skip
+    # fake_report's cosine is 1 - e**2: NaN stays NaN, inf becomes -inf (1 - cosine = inf)
+    plan = C.Plan.from_report(report, 0.05, metric=metric, speeds=FAST_QUANT)
+    assert plan.layers["a#0"].variant == "sage1"
+    assert plan.layers["b#0"].variant == "sdpa" and "no faster candidate" in plan.layers["b#0"].why
+
+
+def valid_plan_document() -> dict:
+    sage1 = C.LayerChoice("sage1", VARIANTS["sage1"], 0.01, "fastest")
+    return C.Plan({"a#0": sage1, "<model>#1": C.LayerChoice("sdpa", None, 0.0, "full")}, 0.05).to_dict()
+
+
+def without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+def with_layer(d: dict, **changes) -> dict:
+    return {**d, "layers": {**d["layers"], "a#0": {**d["layers"]["a#0"], **changes}}}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda d: [d], "not a quantattn plan"),
+        (lambda d: without(d, "layers"), r"layers: missing"),
+        (lambda d: {**d, "layers": [1, 2]}, r"layers: must be an object"),
+        (lambda d: {**d, "default": "sage9"}, r"default: must be 'sdpa' or one of"),
+        (lambda d: {**d, "tolerance": "0.05"}, r"tolerance: must be a non-negative number"),
+        (lambda d: {**d, "metric": "rmse"}, r"metric: must be one of"),
+        (lambda d: with_layer(d, variant="sdpa"), r"layers\['a#0'\]\.config: must be null for variant 'sdpa'"),
+        (lambda d: with_layer(d, config=None), r"layers\['a#0'\]\.config: variant 'sage1' needs"),
+        (lambda d: with_layer(d, config={"pv_dtype": "fp4"}), r"layers\['a#0'\]\.config: .*pv_dtype"),
+        (lambda d: with_layer(d, config={"qk_bits": 8}), r"layers\['a#0'\]\.config: .*qk_bits"),
+        (lambda d: with_layer(d, variant=None), r"layers\['a#0'\]\.variant"),
+        (lambda d: {**d, "layers": {"blocks.0": d["layers"]["a#0"]}}, r"layers\['blocks.0'\]: a call key"),
+        (lambda d: {**d, "layers": {"a#0": "sage1"}}, r"layers\['a#0'\]: must be an object"),
+    ],
+    ids=["list", "no layers", "layers list", "unknown default", "tolerance string", "metric", "sdpa with config",
+         "variant without config", "bad config value", "unknown config field", "no variant", "bad key", "choice string"],
+)  # fmt: skip
+def test_plan_files_are_checked_whole_at_load(tmp_path, change, match):
+    """Plan files fail at load with a message naming the field, not at the first forward (an unknown
+    default's KeyError) or never (an 'sdpa' layer with a quantized config ran quantized)."""
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(valid_plan_document()))
+    assert quantattn.load_plan(good).layers["a#0"].config == VARIANTS["sage1"]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(change(valid_plan_document())))
+    with pytest.raises(ValueError, match=match):
+        quantattn.load_plan(path)
+
+
+def test_plans_made_in_code_are_checked_too():
+    with pytest.raises(ValueError, match="default must be"):
+        C.Plan({}, 0.05, default="sage9")
+    with pytest.raises(ValueError, match=r"layers\['a#0'\]: variant 'sdpa' with config"):
+        C.Plan({"a#0": C.LayerChoice("sdpa", VARIANTS["sage1"], None, "")}, 0.05)
+
+
 def test_full_precision_is_a_candidate_by_its_speed():
     """With the H100's measured speeds, torch's bf16 SDPA (cuDNN) is faster than every quantized variant:
     calibration keeps full precision there, whatever the tolerance."""

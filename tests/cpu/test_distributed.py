@@ -137,7 +137,7 @@ def task_ring_quantized(world, causal, variant, dtype, hq=4, hkv=None):
     q, k, v = inputs(13, hq, hkv, 128, d=64, dtype=dtype, k_bias=4.0)
     cfg = VARIANTS[variant]
     out, lse = ring_attention(*shard_all((q, k, v), group, "HND", True), "HND", causal, None, True, group=group,
-                              config=cfg)  # fmt: skip
+                              zigzag=True, config=cfg)  # fmt: skip
     got, got_lse = (
         gather_sequence(out, dim=2, group=group, zigzag=True),
         gather_sequence(lse, dim=2, group=group, zigzag=True),
@@ -161,7 +161,7 @@ def task_usp_quantized(layout):
     q, k, v = inputs(14, 4, 2, 64, layout=layout)
     shards = [shard_sequence(t, dist.get_rank(), WORLD, dim=seq_dim(layout), zigzag=True, ulysses_size=2)
               for t in (q, k, v)]  # fmt: skip
-    out = usp_attention(*shards, layout, True, groups=groups)
+    out = usp_attention(*shards, layout, True, groups=groups, zigzag=True)
     got = gather_sequence(out, dim=seq_dim(layout), zigzag=True, ulysses_size=2)
     truth = attention_fp64(to_hnd(q, layout), to_hnd(k, layout), to_hnd(v, layout), True)
     single = to_hnd(quantattn.sageattn(q, k, v, layout, True), layout)
@@ -182,10 +182,13 @@ def task_raises(case):
             ring_attention(q, k, v, group=group)
         elif case == "odd_zigzag":
             q, k, v = inputs(1, n=7)
-            ring_attention(q, k, v, is_causal=True, group=group)
+            ring_attention(q, k, v, is_causal=True, group=group, zigzag=True)
         elif case == "causal_cross_lengths":
             q, k, v = inputs(1, n=8, nk=16)
-            ring_attention(q, k, v, is_causal=True, group=group)
+            ring_attention(q, k, v, is_causal=True, group=group, zigzag=True)
+        elif case == "causal_layout_unsaid":  # contiguous shards read as zig-zag gave a wrong result (0.72 off)
+            q, k, v = inputs(1, n=8)
+            ring_attention(*shard_all((q, k, v), group, "HND", False), is_causal=True, group=group)
         elif case == "bad_layout":
             q, k, v = inputs(1, n=8)
             ulysses_attention(q, k, v, "BHND", group=group)
@@ -292,6 +295,7 @@ def test_usp_with_quantattn(group):
         ("heads_not_divisible", "ValueError", "query heads \\(6\\) must be divisible by the number of ranks \\(4\\)"),
         ("mismatched_shards", "ValueError", "every rank of the group must hold shards of one shape.*rank 2: q \\(1, 4, 16, 32\\)"),
         ("odd_zigzag", "ValueError", "zig-zag shards hold two equal chunks"),
+        ("causal_layout_unsaid", "ValueError", "with is_causal, say how the sequence was sharded: zigzag=True"),
         ("causal_cross_lengths", "ValueError", "query and key shards must have one length, got 8 and 16"),
         ("bad_layout", "ValueError", "tensor_layout must be 'HND'"),
         ("bad_option", "ValueError", "qk_quant_dtype must be one of"),

@@ -152,3 +152,22 @@ def test_compiled_fallback_is_torch_sdpa_and_is_said_when_traced():
         assert torch.equal(fn(q, k, v), S.ORIGINAL_SDPA(q, k, v, is_causal=True))
     assert counter.frame_count == 1 and "quantattn.sageattn" not in ops_in(counter)
     assert dict(S.fallbacks) == {"dtype torch.float32 (quantattn takes float16 and bfloat16)": 1}  # once per graph
+
+
+def test_patched_compiles_in_a_process_that_never_patched_eagerly(monkeypatch):
+    """The GPU suite's reduce-overhead test compiles `qa.patched()` before any eager patch; under xdist a
+    worker could reach it first, and marking the fallback counter for Dynamo while Dynamo traced raised
+    Unsupported. Here the mark is unset as in such a worker."""
+    monkeypatch.setattr(S, "_dynamo_knows_fall_back", False)
+    block, x = Block().eval(), torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
+
+    def fn(x):
+        with quantattn.patched(cpu="reference"):
+            return block(x)
+
+    with torch.no_grad():
+        got, counter = compiled(fn)
+        got = got(x)
+        assert torch.equal(got, fn(x))
+    assert "quantattn.sageattn" in ops_in(counter) and counter.frame_count == 1
+    assert S._dynamo_knows_fall_back  # the eager call marked it

@@ -131,6 +131,16 @@ def test_key_lengths_are_clamped_to_the_keys(qa):
     assert (out[1] == 0).all()
 
 
+def test_int64_key_lengths_beyond_int32_clamp_instead_of_wrapping(qa):
+    """2**32 is past every sequence: all keys (not 0, its low 32 bits); -2**32 + 5 is none (not 5)."""
+    q, k, v = inputs(qa, 19)
+    out = run(q, k, v, key_lengths=torch.tensor([2**32, -(2**32) + 5], dtype=torch.int64))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0], run(q[:1], k[:1], v[:1])[0])
+    assert (out[1] == 0).all()
+    assert torch.equal(run(q, k, v, key_lengths=torch.tensor([2**31, 2**40 + 3])), run(q, k, v))
+
+
 def test_mask_and_inputs_are_not_modified(qa):
     q, k, v = inputs(qa, 18)
     mask = MASKS["additive bf16 [1, Hq, Nq, Nk] with -inf"]()

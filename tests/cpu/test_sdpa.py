@@ -76,6 +76,20 @@ def test_calls_kernels_cannot_take_fall_back(kwargs, reason):
     assert any(r.startswith(reason) for r in S.fallbacks), dict(S.fallbacks)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.0, float("nan"), float("inf")])
+def test_scales_sageattn_refuses_fall_back_to_torch(scale):
+    """SDPA computes with any float scale (0: uniform weights, NaN: NaN); sageattn refuses those, so the
+    drop-in hands them to torch instead of raising."""
+    q, k, v = qkv(9)
+    with quantattn.patched(cpu="reference"):
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    want = ORIGINAL(q, k, v, scale=scale)
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+    assert any(r.startswith("scale is zero") for r in S.fallbacks), dict(S.fallbacks)
+    with pytest.raises(ValueError, match="sm_scale must be finite and non-zero"):
+        quantattn.sageattn(q, k, v, sm_scale=scale, backend="reference")  # the kernels' API still says why
+
+
 @pytest.mark.parametrize("form", ["bool", "additive", "key padding [B, 1, 1, Nk]"])
 def test_masks_go_to_the_kernels_with_sdpas_meaning(form):
     q, k, v = qkv(3)

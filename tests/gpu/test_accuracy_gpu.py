@@ -57,6 +57,7 @@ def check(q, k, v, cfg, layout="HND", **kw):
 # Guards on the kernels
 
 
+@pytest.mark.gpu_serial  # holds 128K keys and their FP64 truth
 @pytest.mark.parametrize("causal", [False, True])
 def test_128k_keys(causal):
     """The last 1024 queries against 131072 keys with channel bias in K and V: statistics over 128K tokens,
@@ -66,6 +67,7 @@ def test_128k_keys(causal):
     check(q, k, v, DEFAULT, is_causal=causal)
 
 
+@pytest.mark.gpu_serial  # the FP64 truth of a 128K x 128K call: gigabytes
 def test_128k_by_128k_against_fp64():
     """One head of a full 128K x 128K call (the kernel against FP64 attention directly: the reference's
     tiled loop is too slow at this size): finite, and within twice the default variant's error at 8K."""
@@ -78,6 +80,7 @@ def test_128k_by_128k_against_fp64():
     assert rel_l1(out, truth) <= 2 * err_8k, (rel_l1(out, truth), err_8k)
 
 
+@pytest.mark.gpu_serial  # about 30 GiB (K and V of 2**32 elements)
 def test_64_bit_key_offsets():
     """FP16 PV reads the caller's V in place: in NHD its row stride is H * d, and 131072 keys of 128 heads
     of 256 channels pass 2**31 elements (32-bit offsets would wrap). Heads 0 and 127 against the
@@ -260,6 +263,7 @@ def test_calibration_on_a_larger_model(big_model, tmp_path):
 # The ablation command
 
 
+@pytest.mark.gpu_serial  # a second GPU process; compares its numbers with this one's
 def test_ablation_command(tmp_path):
     cmd = [sys.executable, "-m", "quantattn.accuracy", "--head-dims", "64", "128", "--seq-lens", "1024",
            "--groups", "smooth K", "PV accumulator (FP8)", "variants", "--out", str(tmp_path), "--quiet"]  # fmt: skip

@@ -92,6 +92,7 @@ def test_kernels_match_the_reference_backward():
         assert rel <= rel_plain, (rel, rel_plain)
 
 
+@pytest.mark.gpu_serial  # reads the allocator's peak
 def test_backward_memory_is_linear_in_n():
     """32K tokens: an Nq x Nk float32 matrix per head would be 4 GiB; the backward may allocate only the
     gradients and 8 bytes of row statistics per query and head (plus allocator rounding)."""

@@ -63,7 +63,7 @@ def check(q, cache, k, v, causal=False):
 
 
 @pytest.mark.parametrize("nq", [1, 4, 16])
-@pytest.mark.parametrize("nk", [4096, 32768, 131072])
+@pytest.mark.parametrize("nk", [4096, 32768, pytest.param(131072, marks=pytest.mark.gpu_serial)])
 def test_decode_matches_reference_gqa_32_8(nq, nk):
     b = 2 if nk <= 32768 else 1
     q, k, v = qkv(1, b, 32, 8, nq, nk, 128, outliers=True)
@@ -173,6 +173,7 @@ def test_decode_step_has_no_host_sync_and_captures_in_a_cuda_graph():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.gpu_serial  # reads the allocator's peak
 def test_memory_of_the_cache_and_of_a_call():
     b, hkv, hq, d, n = 8, 8, 32, 128, 32768
     _, k, v = qkv(8, b, hkv, hkv, 1, n, d)

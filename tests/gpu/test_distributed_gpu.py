@@ -37,10 +37,16 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
     pytest.mark.timeout(300),
 ]
-two_gpus = pytest.mark.skipif(
+_TWO_GPUS = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
     reason=f"needs 2 GPUs of one host, {torch.cuda.device_count() if torch.cuda.is_available() else 0} visible",
 )
+
+
+def two_gpus(test):
+    """Needs 2 GPUs, and them alone: one NCCL process per GPU (gpu_serial, not among xdist's workers)."""
+    return pytest.mark.gpu_serial(_TWO_GPUS(test))
+
 
 RING_VS_SINGLE = 1.2
 EXACT = 1e-12
@@ -102,7 +108,7 @@ def task_ring(causal, hq, hkv, layout="HND"):
     q, k, v = inputs(2, hq, hkv, layout=layout)
     s = 2 if layout == "HND" else 1
     local = [shard_sequence(t, rank, world, dim=s, zigzag=True) for t in (q, k, v)]
-    out = ring_attention(*local, layout, causal)
+    out = ring_attention(*local, layout, causal, zigzag=True)
     got = to_hnd(gather_sequence(out, dim=s, zigzag=True), layout)
     truth, bound = ring_bound(*(to_hnd(t, layout) for t in (q, k, v)), causal)
     assert torch.isfinite(got).all()
@@ -125,9 +131,11 @@ def task_usp_degenerate(ulysses_size):
     groups = usp_groups(ulysses_size)
     q, k, v = inputs(4, 8, 2, n=4096)
     local = [shard_sequence(t, rank, world, dim=2, zigzag=True, ulysses_size=ulysses_size) for t in (q, k, v)]
-    out = usp_attention(*local, is_causal=True, groups=groups)
+    out = usp_attention(*local, is_causal=True, groups=groups, zigzag=True)
     plain = (
-        ulysses_attention(*local, is_causal=True) if ulysses_size == world else ring_attention(*local, is_causal=True)
+        ulysses_attention(*local, is_causal=True)
+        if ulysses_size == world
+        else ring_attention(*local, is_causal=True, zigzag=True)
     )
     return torch.equal(out, plain)
 
@@ -208,6 +216,7 @@ def task_group_of_one():
     return results
 
 
+@pytest.mark.gpu_serial  # its own NCCL process on the GPU
 def test_modes_on_a_group_of_one_gpu():
     """P = 1 over NCCL: both modes reduce to one call, exactly."""
     with LocalGroup(1, "nccl", timeout_s=240, env=NCCL_ENV) as group:

@@ -219,6 +219,7 @@ MiB = 2**20
             QuantConfig(qk_granularity="per_tensor"), VARIANTS["sage2-4b"]],
     ids=lambda c: c.name,
 )  # fmt: skip
+@pytest.mark.gpu_serial  # empties the allocator's cache and reads its peak
 def test_peak_memory_is_what_quantattn_memory_states(cfg):
     """Sizes are multiples of 2 MiB, so the caching allocator neither splits nor pads them: the
     measured growth is the stated number, up to one large block that the allocator hands out whole

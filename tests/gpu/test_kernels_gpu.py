@@ -202,6 +202,33 @@ def test_nan_rows_stay_in_their_rows():
     assert torch.isfinite(out[~bad]).all()
 
 
+PV_MODES = [
+    QuantConfig(),  # FP8, two-level FP32 accumulation
+    QuantConfig(pv_accum="fp32"),
+    QuantConfig(pv_accum="fp32+fp16"),
+    QuantConfig(pv_dtype="fp16", pv_accum="fp32"),
+    QuantConfig(pv_dtype="fp16", pv_accum="fp16+fp32"),
+    QuantConfig(pv_dtype="bf16", pv_accum="fp32"),
+]
+
+
+@pytest.mark.parametrize("cfg", PV_MODES, ids=lambda c: c.name)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_v_element_reaches_its_channel(cfg, bad):
+    """A NaN or Inf in V[j, c] makes channel c of every row non-finite (all of them attend key j), and
+    nothing else, as the reference does: on every PV precision, FP8 included (the Triton interpreter
+    cannot show this for FP8, whose NaN it decodes as 480 inside tl.dot). Not causal: under a causal
+    mask the kernel's masked products 0 x Inf reach the rows of j's block that do not see it (block by
+    block), the reference's per-channel V scale reaches every row."""
+    q, k, v = (make(s, 1, 4, 512, 128) for s in (26, 27, 28))
+    v[0, 2, 300, 7] = bad
+    out = qa.sageattn(q, k, v, config=cfg, backend="triton")
+    ref = qa.sageattn(q, k, v, config=cfg, backend="reference")
+    assert not torch.isfinite(out[0, 2, :, 7]).any()
+    assert int(torch.isfinite(out).sum()) == out.numel() - 512  # that channel of that head, nothing else
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+
+
 def test_default_hopper_variant_is_as_accurate_as_the_official_one():
     """BENCHMARK.md: the official SageAttention2 Hopper kernel has relative L1 0.038 (normal inputs)
     and 0.0079 (channel outliers) on [1, 8, 4096, 128]; quantattn's default must do at least as well."""

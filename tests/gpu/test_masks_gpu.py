@@ -130,6 +130,7 @@ def test_masked_call_captures_in_a_cuda_graph():
 # Long contexts
 
 
+@pytest.mark.gpu_serial  # 256K keys
 @pytest.mark.parametrize("causal", [False, True])
 def test_256k_keys(causal):
     """The last 512 queries against 262144 keys with channel bias in K and V, against the reference."""
@@ -138,6 +139,7 @@ def test_256k_keys(causal):
     check(q, k, v, QuantConfig(), is_causal=causal)
 
 
+@pytest.mark.gpu_serial  # 256K x 256K and its FP64 truth
 def test_256k_by_256k_one_head_is_finite_and_accurate():
     """A full 256K x 256K causal call of one head against FP64 attention on its last 2048 queries
     (FP64 on all of them would take minutes), within twice the error at 8K."""
@@ -152,6 +154,7 @@ def test_256k_by_256k_one_head_is_finite_and_accurate():
     assert rel_l1(out[:, :, tail], truth) <= 2 * err_8k, (rel_l1(out[:, :, tail], truth), err_8k)
 
 
+@pytest.mark.gpu_serial  # reads the allocator's peak up to 256K keys
 def test_memory_grows_linearly_with_length():
     """Peak extra memory of a call (beyond its inputs and output) at 32K, 64K, 128K and 256K tokens: the
     ratio between consecutive lengths stays at 2 (no N^2 buffer anywhere)."""

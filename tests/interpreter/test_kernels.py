@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -137,6 +138,43 @@ def test_nan_in_one_query_row_stays_in_that_row():
     bad[0, 1, 5] = bad[0, 0, 70] = True
     assert torch.isnan(out[bad]).all()
     assert torch.isfinite(out[~bad]).all()
+
+
+@pytest.mark.parametrize(
+    "cfg", [QuantConfig(pv_dtype="fp16", pv_accum="fp32"), QuantConfig(pv_dtype="bf16", pv_accum="fp32")],
+    ids=lambda c: c.name,
+)  # fmt: skip
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_v_element_reaches_its_channel_with_16_bit_pv(cfg, bad):
+    """Where the interpreter can show it (16-bit P.V): a NaN or Inf in V[j, c] makes channel c of every row
+    that attends key j non-finite, and nothing else, as the reference does."""
+    q, k, v = (make(s, 1, 2, 64, 32) for s in (40, 41, 42))
+    v[0, 1, 10, 3] = bad
+    out = qa.sageattn(q, k, v, config=cfg, backend="triton")
+    ref = qa.sageattn(q, k, v, config=cfg, backend="reference")
+    assert not torch.isfinite(out[0, 1, :, 3]).any()
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    assert torch.isfinite(out).sum() == out.numel() - 64
+
+
+def test_fp8_pv_under_the_interpreter_says_what_it_cannot_check(monkeypatch):
+    """FP8 P.V loses NaN/Inf in the interpreter's tl.dot: the call says so (once), and the GPU suite
+    (tests/gpu/test_kernels_gpu.py::test_a_non_finite_v_element_reaches_its_channel) checks it instead."""
+    from quantattn.kernels import launch
+
+    monkeypatch.setattr(launch, "_said_interpreter_fp8_pv", False)
+    q, k, v = (make(s, 1, 1, 16, 32) for s in (43, 44, 45))
+    with pytest.warns(UserWarning, match="FP8 P.V products lose NaN and Inf"):
+        qa.sageattn(q, k, v, backend="triton")
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        qa.sageattn(q, k, v, backend="triton")  # said once per process
+    assert not [w for w in later if "FP8 P.V" in str(w.message)]
+    monkeypatch.setattr(launch, "_said_interpreter_fp8_pv", False)
+    with warnings.catch_warnings(record=True) as fp16:
+        warnings.simplefilter("always")
+        qa.sageattn(q, k, v, config=QuantConfig(pv_dtype="fp16", pv_accum="fp32"), backend="triton")
+    assert not [w for w in fp16 if "FP8 P.V" in str(w.message)]  # 16-bit P.V keeps NaN: nothing to say
 
 
 def test_poisoned_output_is_fully_written():
