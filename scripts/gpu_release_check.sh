@@ -23,7 +23,7 @@ trap '[ -d /opt/cuda-hidden ] && mv /opt/cuda-hidden "$cuda_dir"' EXIT
 unset CUDA_HOME CUDA_PATH
 export PATH=$(echo "$PATH" | tr ':' '\n' | grep -v -i cuda | paste -sd:)
 echo "nvcc: $(command -v nvcc || echo none)"
-cp -r tests /tmp/wheeltests
+cp -r tests /tmp/wheeltests && cp pyproject.toml /tmp/wheeltests/
 cd /tmp/wheeltests
 export PYTHONPATH=/tmp/wheelsite QUANTATTN_CACHE=/tmp/qa-release
 python3 -c "import quantattn, quantattn.hopper as h; print(quantattn.__file__); print('hopper:', h.unavailable_reason() or 'available')"
@@ -32,10 +32,14 @@ log "first call, warm cache"; python3 "$OLDPWD/scripts/hopper_call_costs.py" fir
 python3 "$OLDPWD/scripts/hopper_call_costs.py" host
 python3 -m quantattn.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
-log "GPU suite on the wheel: ${GPU_ARGS:--n 8}"
+log "GPU suite on the wheel: parallel step (-n ${WORKERS:-8}), then the gpu_serial tests alone"
 start=$SECONDS
-timeout 480 python3 -m pytest . -m gpu ${GPU_ARGS:--n 8} -q -p no:cacheprovider -o addopts="" -rfE > "$OUT/gpu_suite.log" 2>&1
-rc=$?
-echo "exit $rc after $((SECONDS - start)) s: $(tail -1 "$OUT/gpu_suite.log")"
-grep -E "^(FAILED|ERROR)" "$OUT/gpu_suite.log" | head -30
+timeout 420 python3 -m pytest . -m "gpu and not gpu_serial" -n "${WORKERS:-8}" -q -p no:cacheprovider -rfE \
+  > "$OUT/gpu_parallel.log" 2>&1
+echo "parallel: exit $? after $((SECONDS - start)) s: $(tail -1 "$OUT/gpu_parallel.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_parallel.log" | head -30
+mid=$SECONDS
+timeout 240 python3 -m pytest . -m gpu_serial -q -p no:cacheprovider -rfE > "$OUT/gpu_serial.log" 2>&1
+echo "serial: exit $? after $((SECONDS - mid)) s: $(tail -1 "$OUT/gpu_serial.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_serial.log" | head -30
 log done
