@@ -12,6 +12,7 @@ Test modules reach the helpers through the session fixture `qa` (`qa.make_qkv(..
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -59,6 +60,53 @@ def pytest_configure(config):
 
 def under_xdist() -> bool:
     return "PYTEST_XDIST_WORKER" in os.environ
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton exists on Linux only
+    triton = None
+
+if triton is not None:
+
+    @triton.jit  # at module level: older interpreters (3.1) look tl up in the kernel's globals
+    def _count_to(OUT, n):
+        total = 0
+        for _ in range(0, n):
+            total += 1
+        tl.store(OUT, total)
+
+
+def interpreter_loop_problem() -> str | None:
+    """Why the Triton interpreter cannot run a loop with a run-time bound here, or None.
+
+    triton 3.6's interpreter turns such a bound into an int with int() on a one-element array, which
+    numpy 2.4 refuses; newer interpreters (3.9) squeeze it first. The GPU compiler is not affected.
+    Any other failure is left to the tests to show."""
+    if triton is None or os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        with warnings.catch_warnings():  # numpy 2.0-2.3 only warn that such conversions are deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _count_to[(1,)](out, 3)
+    except Exception as exc:  # the interpreter wraps the TypeError in its own error
+        if "0-dimensional" not in repr(exc):
+            return None
+        import numpy
+
+        return (
+            f"triton {triton.__version__}'s interpreter cannot run on numpy {numpy.__version__} ({exc!r}): "
+            "install numpy<2.4 (python3 -m pip install 'numpy<2.4') or a newer triton"
+        )
+    return None
+
+
+def pytest_sessionstart(session):
+    problem = interpreter_loop_problem()
+    if problem:
+        raise pytest.UsageError(problem)
 
 
 def pytest_collection_modifyitems(config, items):

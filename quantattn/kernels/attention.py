@@ -18,6 +18,7 @@ from quantattn.kernels.common import (
     q_row_amax,
     quantize_rows,
     saturate,
+    softmax_divisor,
     to_fp8_e4m3,
 )
 from quantattn.kernels.quant import seq_bounds
@@ -329,7 +330,7 @@ def sage_attention_kernel(
 
     # ---- epilogue: normalize, undo the V scale and smoothing, store ----
     has_keys = (l_i > 0) | (l_i != l_i)
-    l_div = tl.where(l_i > 0, l_i, 1.0)
+    l_div = softmax_divisor(l_i)
     O_rows = O + b64 * stride_ob + h64 * stride_oh + q_rows * stride_om
     _store_out_slab(acc, l_div, has_keys, O_rows, row_ok, cols, stat_kv, V_MEAN, V_MAX, V_MIN,
                     HEAD_DIM, PV_MODE, SMOOTH_V, V_RANGE, P_SCALE, EXACT_CASTS, O.dtype.element_ty)  # fmt: skip

@@ -31,6 +31,15 @@ def is_finite(x):
 
 
 @triton.jit
+def softmax_divisor(l):
+    """The online softmax's row sum as the output's divisor: 1 for a row that saw no key (l == 0; its
+    output is then zeroed), and NaN kept. A non-finite score makes P and l NaN; the running max does not
+    carry it (tl.maximum ignores NaN on the GPU, and in the interpreter from triton 3.7 on), and the
+    interpreter has no FP8 NaN (it reads E4M3's 0x7F as 480), so only l is sure to bring it to the row."""
+    return tl.where(l == 0, 1.0, l)
+
+
+@triton.jit
 def round_half_even(x):
     return (x + ROUND_MAGIC) - ROUND_MAGIC
 

@@ -21,6 +21,7 @@ from quantattn.kernels.common import (
     is_finite,
     round_half_even,
     saturate,
+    softmax_divisor,
     to_fp8_e4m3,
 )
 
@@ -175,7 +176,7 @@ def decode_attention_kernel(
 
     if SINGLE_SPLIT:
         has_keys = (l_i > 0) | (l_i != l_i)
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = acc / softmax_divisor(l_i)[:, None]
         out = saturate(tl.where(has_keys[:, None], out, 0.0), O.dtype.element_ty)
         o_rows = b64 * stride_ob + head.to(tl.int64) * stride_oh + qi.to(tl.int64) * stride_om
         tl.store(O + o_rows[:, None] + cols[None, :], cast(out, O.dtype.element_ty, EXACT_CASTS), mask=qmask)
@@ -235,7 +236,7 @@ def decode_merge_kernel(
     l_tot = tl.sum(l_vec, 0)
     out = tl.sum(acc, 0)
     has_keys = (l_tot > 0) | (l_tot != l_tot)
-    out = out / tl.where(l_tot > 0, l_tot, 1.0)
+    out = out / softmax_divisor(l_tot)
     out = saturate(tl.where(has_keys, out, 0.0), O.dtype.element_ty)
     b64, head64, qi64 = b.to(tl.int64), head.to(tl.int64), qi.to(tl.int64)
     tl.store(

@@ -108,6 +108,23 @@ def test_split_k_merge(monkeypatch, causal):
     check_decode(q, cache, attention_fp64(q, k, v, is_causal=causal), is_causal=causal)
 
 
+@pytest.mark.parametrize("min_split_blocks", [100, 1], ids=["one_split", "merged_splits"])
+def test_nan_in_one_query_row_stays_in_that_row(monkeypatch, min_split_blocks):
+    """The NaN reaches the output through the softmax's row sum, whether or not the FP8 P·V product
+    carries it (the interpreter's FP8 has no NaN; tl.maximum ignores NaN on the GPU and in triton 3.9's
+    interpreter)."""
+    monkeypatch.setattr(R, "MIN_SPLIT_BLOCKS", min_split_blocks)
+    q, k, v = make(12, 1, 4, 2, 64), make(13, 1, 2, 320, 64), make(14, 1, 2, 320, 64)  # no 16-bit tail
+    assert (R.cdiv(5, R.blocks_per_split(320, 2, 4)) > 1) == (min_split_blocks == 1)
+    q[0, 1, 1, 5] = float("nan")
+    cache, _ = caches(k, v)
+    out = quantattn.sageattn_decode(q, cache, backend="triton")
+    bad = torch.zeros(1, 4, 2, dtype=torch.bool)
+    bad[0, 1, 1] = True
+    assert torch.isnan(out[bad]).all()
+    assert torch.isfinite(out[~bad]).all()
+
+
 def test_sage2pp_ranges_and_nhd(monkeypatch):
     monkeypatch.setattr(R, "MIN_SPLIT_BLOCKS", 2)
     cfg = QuantConfig(pv_accum="fp32+fp16")
