@@ -34,12 +34,12 @@ python3 -m quantattn.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
 log "GPU suite on the wheel: parallel step (-n ${WORKERS:-8}), then the gpu_serial tests alone"
 start=$SECONDS
-timeout 420 python3 -m pytest . -m "gpu and not gpu_serial" -n "${WORKERS:-8}" -q -p no:cacheprovider -rfE \
+timeout 330 python3 -m pytest . -m "gpu and not gpu_serial" -n "${WORKERS:-8}" -q -p no:cacheprovider -rfE \
   > "$OUT/gpu_parallel.log" 2>&1
 echo "parallel: exit $? after $((SECONDS - start)) s: $(tail -1 "$OUT/gpu_parallel.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/gpu_parallel.log" | head -30
 mid=$SECONDS
-timeout 240 python3 -m pytest . -m gpu_serial -q -p no:cacheprovider -rfE > "$OUT/gpu_serial.log" 2>&1
+timeout 200 python3 -m pytest . -m gpu_serial -q -p no:cacheprovider -rfE > "$OUT/gpu_serial.log" 2>&1
 echo "serial: exit $? after $((SECONDS - mid)) s: $(tail -1 "$OUT/gpu_serial.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/gpu_serial.log" | head -30
 log done
