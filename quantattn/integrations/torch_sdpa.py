@@ -89,11 +89,15 @@ _switches: dict[tuple[int, str], list] = {}
 SDPA_TARGET = (F, "scaled_dot_product_attention")
 
 
+SDPA_KEY = (id(F), "scaled_dot_product_attention")
+
+
 def _key(obj, attr: str) -> tuple[int, str]:
+    # SDPA's key without id(): Dynamo (torch 2.11) cannot trace id() of a module, and patched()/attach()
+    # open SDPA's route inside compiled code
+    if obj is F and attr == "scaled_dot_product_attention":
+        return SDPA_KEY
     return (id(obj), attr)
-
-
-SDPA_KEY = _key(*SDPA_TARGET)
 
 
 def _innermost(key):
