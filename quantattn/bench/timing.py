@@ -49,6 +49,19 @@ def repeat_count(estimate_ms: float, min_repeats: int, max_repeats: int, target_
     return max(min_repeats, min(max_repeats, math.ceil(target_s * 1e3 / estimate_ms)))
 
 
+def warm_up(fn, arg_sets, warmups: int, clock) -> float:
+    """One call (compilation, autotuning, first-touch allocations), then `warmups` timed calls over the
+    argument sets: milliseconds per call (NaN without warm-ups)."""
+    fn(*arg_sets[0])
+    clock.sync()
+    start = clock.mark()
+    for i in range(warmups):
+        fn(*arg_sets[(i + 1) % len(arg_sets)])
+    stop = clock.mark()
+    clock.sync()
+    return clock.elapsed_ms(start, stop) / warmups if warmups else math.nan
+
+
 def measure(
     fn: Callable[..., object],
     arg_sets: Sequence[tuple],
@@ -64,14 +77,7 @@ def measure(
         raise ValueError("measure needs at least one argument set")
     max_repeats = max(max_repeats, min_repeats)
     clock = make_clock(device)
-    fn(*arg_sets[0])  # compilation, autotuning, first-touch allocations
-    clock.sync()
-    start = clock.mark()
-    for i in range(warmups):
-        fn(*arg_sets[(i + 1) % len(arg_sets)])
-    stop = clock.mark()
-    clock.sync()
-    estimate = clock.elapsed_ms(start, stop) / warmups if warmups else math.nan
+    estimate = warm_up(fn, arg_sets, warmups, clock)
     repeats = repeat_count(estimate, min_repeats, max_repeats, target_s)
     marks = []
     for i in range(repeats):

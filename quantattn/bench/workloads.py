@@ -141,14 +141,7 @@ def time_back_to_back(
 ) -> dict:
     """Per-call time of fn over back-to-back groups (events around each group, never around one call)."""
     clock = timing.make_clock(device)
-    fn(*arg_sets[0])  # compilation, autotuning, first-touch allocations
-    clock.sync()
-    start = clock.mark()
-    for i in range(warmups):
-        fn(*arg_sets[(i + 1) % len(arg_sets)])
-    stop = clock.mark()
-    clock.sync()
-    estimate_s = clock.elapsed_ms(start, stop) * 1e-3 / warmups if warmups else 0.0
+    estimate_s = timing.warm_up(fn, arg_sets, warmups, clock) * 1e-3 if warmups else 0.0
     per_group = calls_per_group
     if estimate_s > 0:
         per_group = max(1, min(calls_per_group, int(MAX_GROUP_S / estimate_s)))
