@@ -56,7 +56,6 @@ _SIGNATURES = {
     "cuLibraryLoadData": [ctypes.POINTER(_P), ctypes.c_char_p, _P, _P, ctypes.c_uint, _P, _P, ctypes.c_uint],
     "cuLibraryGetKernel": [ctypes.POINTER(_P), _P, ctypes.c_char_p],
     "cuKernelSetAttribute": [ctypes.c_int, ctypes.c_int, _P, ctypes.c_int],
-    "cuKernelGetAttribute": [ctypes.POINTER(ctypes.c_int), ctypes.c_int, _P, ctypes.c_int],
     "cuKernelGetFunction": [ctypes.POINTER(_P), _P],
     "cuOccupancyMaxActiveClusters": [ctypes.POINTER(ctypes.c_int), _P, ctypes.POINTER(LaunchConfig)],
     "cuLaunchKernel": [_P] + [ctypes.c_uint] * 7 + [_P, _P, _P],
@@ -114,12 +113,6 @@ def get_kernel(library: int, name: str) -> int:
 
 def set_attribute(kernel: int, attribute: int, value: int, device: int) -> None:
     check(cuda().cuKernelSetAttribute(attribute, value, kernel, device), "cuKernelSetAttribute")
-
-
-def get_attribute(kernel: int, attribute: int, device: int) -> int:
-    v = ctypes.c_int()
-    check(cuda().cuKernelGetAttribute(ctypes.byref(v), attribute, kernel, device), "cuKernelGetAttribute")
-    return v.value
 
 
 def launch(kernel: int, grid: tuple[int, int, int], threads: int, shared_bytes: int, stream: int, *params) -> None:
