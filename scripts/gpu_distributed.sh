@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sequence-parallel quantattn on this host's GPUs: the distributed GPU tests, then the scaling benchmark.
+# Sequence-parallel quantattn on this host's GPUs: the distributed GPU tests (the `gpu` tests whose names
+# say "distributed"), then the scaling benchmark (python -m quantattn.distributed.bench); logs and JSON in OUT_DIR.
 # Usage, from the repository root: bash scripts/gpu_distributed.sh [OUT_DIR]   (default /tmp/quantattn-distributed)
 # With 2 GPUs: every test, and 1 GPU vs 2 GPUs for Ulysses and ring at 64K-256K tokens (3 to 5 minutes; at most 10).
 # With 1 GPU: the 2-GPU tests skip (pytest says so) and the benchmark times the 1-GPU calls and the modes
@@ -14,7 +15,7 @@ mkdir -p "$OUT"
   python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version(), "triton", triton.__version__, "gpus", torch.cuda.device_count())'
   git log -1 --format='commit %H %s' 2>/dev/null || true; date -u; } 2>&1 | tee "$OUT/env.txt"
 echo "=== tests ($(date -u +%T))"
-timeout 300 python3 -m pytest tests/gpu/test_distributed_gpu.py -m gpu -q -rs -p no:cacheprovider -o addopts="" 2>&1 \
+timeout 300 python3 -m pytest tests -m gpu -k distributed -q -rs -p no:cacheprovider -o addopts="" 2>&1 \
   | tee "$OUT/pytest_distributed_gpu.log" | tail -30
 tests_rc=${PIPESTATUS[0]}
 echo "=== benchmark ($(date -u +%T))"

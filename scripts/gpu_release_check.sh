@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One device call for a release check of the Hopper path as a user gets it: a wheel built from this tree,
-# installed apart from the checkout, the CUDA toolkit hidden (no nvcc, no CUDA_HOME) and an empty kernel
-# cache; then the GPU suite against the installed wheel (xdist), first-call and host-time figures.
-# Usage (GPU machine, repository root): bash scripts/gpu_release_check.sh
+# A release check of the Hopper path as a user gets it, in one command: a wheel built from this tree,
+# installed apart from the checkout, the CUDA toolkit hidden (no nvcc, no CUDA_HOME; moved back on exit)
+# and an empty kernel cache; then first-call and host-time figures (scripts/call_costs.py),
+# `python -m quantattn.info`, and the GPU suite against the installed wheel in its two steps (in parallel
+# with pytest-xdist, then the gpu_serial tests alone). Logs under $OUT (default /tmp/quantattn-out).
+# Usage (GPU machine, repository root; it moves /usr/local/cuda while it runs, so a machine of your own):
+#   [OUT=DIR] [WORKERS=8] bash scripts/gpu_release_check.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/quantattn-out}
@@ -27,9 +30,9 @@ cp -r tests /tmp/wheeltests && cp pyproject.toml /tmp/wheeltests/
 cd /tmp/wheeltests
 export PYTHONPATH=/tmp/wheelsite QUANTATTN_CACHE=/tmp/qa-release
 python3 -c "import quantattn, quantattn.hopper as h; print(quantattn.__file__); print('hopper:', h.unavailable_reason() or 'available')"
-log "first call, empty cache"; python3 "$OLDPWD/scripts/hopper_call_costs.py" first
-log "first call, warm cache"; python3 "$OLDPWD/scripts/hopper_call_costs.py" first
-python3 "$OLDPWD/scripts/hopper_call_costs.py" host
+log "first call, empty cache"; python3 "$OLDPWD/scripts/call_costs.py" first
+log "first call, warm cache"; python3 "$OLDPWD/scripts/call_costs.py" first
+python3 "$OLDPWD/scripts/call_costs.py" host
 python3 -m quantattn.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
 log "GPU suite on the wheel: parallel step (-n ${WORKERS:-8}), then the gpu_serial tests alone"
