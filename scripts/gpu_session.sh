@@ -7,13 +7,14 @@
 #   protocol   the benchmark run that a speed table is made from: head_dim 128 and 64, causal off and on,
 #              N 1K-32K, the quantattn backends next to SDPA cuDNN and flash, no accuracy slice; the
 #              result is $OUT/<date>_<GPU>_speed_table.json
-#   table      the speed table of that run, to $OUT/speed_tables/ (python -m quantattn.bench.speed_table)
+#   table      the speed table of that run, to $OUT/speed_tables/ (python -m quantattn.bench.speed_table,
+#              SDPA only where it wins by more than MARGIN, default 0.05 as in the shipped H100 table)
 #   workloads  real models' attention shapes against cuDNN and backend="auto" (--workloads)
 # Usage (GPU machine, repository root): [OUT=DIR] bash scripts/gpu_session.sh [STEP]...
 #   (default: tests accuracy quick)
 # To ship a GPU model's speed table: `bash scripts/gpu_session.sh protocol table`, copy the protocol JSON
 # to bench/results/ (with a row in bench/results/README.md), then in the repository
-# `make speed-table RESULTS="bench/results/<that file> [earlier runs of the same GPU model]"`.
+# `make speed-table RESULTS="bench/results/<that file> [earlier runs of the same GPU model]" ARGS="--margin 0.05"`.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/quantattn-out}
@@ -35,7 +36,8 @@ for step in $steps; do
     protocol) timeout 480 python3 -m quantattn.bench --head-dims 128 64 --causal both \
                 --variants sage2-8b sage2-8b-hopper sage1 sdpa-cudnn sdpa-flash --no-accuracy \
                 --out "$OUT" --tag "${gpu}_speed_table" --stop-after 420 2>&1 | tee "$OUT/bench_protocol.txt" | tail -45 ;;
-    table) python3 -m quantattn.bench.speed_table "$OUT"/*_"${gpu}"_speed_table.json --out "$OUT/speed_tables/" 2>&1 \
+    table) python3 -m quantattn.bench.speed_table "$OUT"/*_"${gpu}"_speed_table.json --out "$OUT/speed_tables/" \
+             --margin "${MARGIN:-0.05}" 2>&1 \
              | tee "$OUT/speed_table.txt" ;;
     workloads) timeout 540 python3 -m quantattn.bench --workloads --out "$OUT" 2>&1 | tee "$OUT/workloads.txt" | tail -30 ;;
     *) echo "unknown step $step (steps: tests accuracy quick protocol table workloads)" ;;
