@@ -30,6 +30,8 @@ accuracy:  ## the accuracy tool
 
 # The shipped speed table of a GPU model (backend="auto" hands to torch SDPA what SDPA won there), from
 # committed bench results of that GPU: make speed-table RESULTS="bench/results/A.json bench/results/B.json"
+# (the shipped H100 table: ARGS="--margin 0.05"). `bash scripts/gpu_session.sh protocol table` makes such a
+# run on the GPU machine; docs/benchmarking.md says how the table is computed.
 RESULTS ?=
 speed-table:  ## write quantattn/backends/speed_tables/<gpu>.json from RESULTS (bench JSON files)
 	$(PYTHON) -m quantattn.bench.speed_table $(RESULTS) --out quantattn/backends/speed_tables/ $(ARGS)
