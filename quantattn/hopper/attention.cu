@@ -374,19 +374,28 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     fence_regs(acc_s);
 
     // scores in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max).
-    // PER_THREAD: s = qk, and group[g] the K scale of the thread's keys in 64-key half g, unless a key of
-    // the block has a non-finite element (NaN scale: rare); then per key, so that NaN reaches exactly the
-    // scores of that key, as in the reference.
+    // PER_THREAD: s = qk, and group[g] the K scale of the thread's keys in 64-key half g. A key with a
+    // non-finite element has a NaN scale (the preprocessing marks it); in the reference NaN then reaches
+    // every row that sees that key, so here those rows' exponents are made NaN (poison), and the fold
+    // skips the mark.
     float sc[64];
     float group[2] = {1.f, 1.f};
-    bool per_key = !PER_THREAD;
+    bool poison[2] = {false, false};
     if constexpr (PER_THREAD) {
-      const float4 k4 = *reinterpret_cast<const float4*>(&sm.tail.ks[s][4 * lane]);
-      per_key = __any_sync(0xFFFFFFFF, !(is_finite(k4.x) && is_finite(k4.y) && is_finite(k4.z) && is_finite(k4.w)));
+      const float g0 = sm.tail.ks[s][2 * t], g1 = sm.tail.ks[s][64 + 2 * t];
       // a group past the last key reads TMA's zero fill: any positive factor keeps its -inf scores -inf
-      if (!per_key) group[0] = fmaxf(sm.tail.ks[s][2 * t], 1e-30f), group[1] = fmaxf(sm.tail.ks[s][64 + 2 * t], 1e-30f);
-    }
-    if (per_key) {
+      group[0] = is_finite(g0) ? fmaxf(g0, 1e-30f) : 1.f;
+      group[1] = is_finite(g1) ? fmaxf(g1, 1e-30f) : 1.f;
+#pragma unroll
+      for (int i = 0; i < 64; ++i) sc[i] = __int2float_rn(acc_s[i]);
+      const float4 k4 = *reinterpret_cast<const float4*>(&sm.tail.ks[s][4 * lane]);
+      const int bad = !is_finite(k4.x) ? 0 : !is_finite(k4.y) ? 1 : !is_finite(k4.z) ? 2 : !is_finite(k4.w) ? 3 : BLOCK_N;
+      const int first_bad = __reduce_min_sync(0xFFFFFFFF, bad == BLOCK_N ? BLOCK_N : 4 * lane + bad);
+      if (first_bad < BLOCK_N) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) poison[hh] = !CAUSAL || j * BLOCK_N + first_bad <= r0 + 8 * hh + shift;
+      }
+    } else {
 #pragma unroll
       for (int cc = 0; cc < 16; ++cc) {
         const float2 ks = *reinterpret_cast<const float2*>(&sm.tail.ks[s][8 * cc + 2 * t]);
@@ -395,9 +404,6 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
         sc[4 * cc + 2] = __int2float_rn(acc_s[4 * cc + 2]) * ks.x;
         sc[4 * cc + 3] = __int2float_rn(acc_s[4 * cc + 3]) * ks.y;
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 64; ++i) sc[i] = __int2float_rn(acc_s[i]);
     }
     if (j >= full_blocks_end) {
 #pragma unroll
@@ -438,8 +444,9 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     // product; its row sums are 448 * l, which the epilogue divides out
     const float m_exp[2] = {LOG2_P_SCALE - m_safe[0], LOG2_P_SCALE - m_safe[1]};
     // the factor from s to exp2 units, per row and 64-key half
-    const float to_exp[2][2] = {{q.scale[0] * group[0], q.scale[0] * group[1]},
-                                {q.scale[1] * group[0], q.scale[1] * group[1]}};
+    const float qs[2] = {poison[0] ? __int_as_float(0x7FC00000) : q.scale[0],
+                         poison[1] ? __int_as_float(0x7FC00000) : q.scale[1]};
+    const float to_exp[2][2] = {{qs[0] * group[0], qs[0] * group[1]}, {qs[1] * group[0], qs[1] * group[1]}};
     float rowsum[2] = {0.f, 0.f};
     uint32_t pa[4][4];
     float fresh[ACC];  // fresh = P V (FP8, the tensor cores' FP32 accumulator), then added to o in FP32
