@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import quantattn as qa
+from quantattn import settings
 from quantattn.config import QuantConfig
 from quantattn.reference import attention_fp64
 
@@ -312,6 +313,7 @@ def test_env_keeps_auto_off_hopper(monkeypatch):
     q, k, v = inputs(140, 1, 1, 1, 16384, 16384, 128)
     seen = _spy_on_hopper(monkeypatch)
     monkeypatch.setenv("QUANTATTN_HOPPER", "0")
+    settings.reload()  # quantattn reads the environment once
     out = qa.sageattn(q, k, v, is_causal=True)
     assert not seen
     assert torch.equal(out, qa.sageattn(q, k, v, is_causal=True, backend="triton"))
