@@ -104,13 +104,12 @@ def _sageattn_fake(q, k, v, tensor_layout, attn_mask, key_lengths, is_causal, sm
     V.check_layout(tensor_layout)
     V.check_qkv(q, k, v, 4, prepare.DENSE_SHAPES)
     V.check_sm_scale(sm_scale)
-    to_hnd = (lambda s: s) if tensor_layout == "HND" else (lambda s: (s[0], s[2], s[1], s[3]))
-    qs = to_hnd(q.shape)
-    V.check_heads_and_dims(qs, to_hnd(k.shape), to_hnd(v.shape))
+    qs, ks, vs = (prepare.dense_hnd_shape(t.shape, tensor_layout) for t in (q, k, v))
+    V.check_heads_and_dims(qs, ks, vs)
     if attn_mask is not None:
-        V.check_attn_mask(attn_mask, q, (*qs[:3], to_hnd(k.shape)[2]))
+        V.check_attn_mask(attn_mask, q, (*qs[:3], ks[2]))
     if key_lengths is not None:
-        V.check_key_lengths(key_lengths, q, qs[0], to_hnd(k.shape)[2])
+        V.check_key_lengths(key_lengths, q, qs[0], ks[2])
     config, options = unflatten_choices(choices)
     prepare.resolve_config(q.device, config, options)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -137,11 +136,7 @@ def _sageattn_varlen_fake(
     # the offsets' values are data: the real implementation checks them
     V.check_qkv(q, k, v, 3, prepare.VARLEN_SHAPES)
     V.check_sm_scale(sm_scale)
-
-    def to_hnd(s):  # [total, H, d] -> (H, total, d), as api.sageattn_varlen checks it
-        return (s[1], s[0], s[2])
-
-    V.check_heads_and_dims(to_hnd(q.shape), to_hnd(k.shape), to_hnd(v.shape))
+    V.check_heads_and_dims(*(prepare.varlen_hnd_shape(t.shape) for t in (q, k, v)))
     config, options = unflatten_choices(choices)
     prepare.resolve_config(q.device, config, options)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

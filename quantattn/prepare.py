@@ -44,7 +44,7 @@ def default_config(device: torch.device) -> QuantConfig:
 
 def check_choices(config, options: dict) -> None:
     """The keyword options are QuantConfig's (CONFIG_KEYWORDS) and config is a QuantConfig or None."""
-    unknown = sorted(key for key in options if key not in CONFIG_KEYWORDS)
+    unknown = sorted(key for key in options if key not in CONFIG_KEYWORDS) if options else None
     if unknown:
         raise TypeError(
             f"unknown keyword argument(s) {', '.join(unknown)}; accepted: config, backend, "
@@ -57,6 +57,8 @@ def check_choices(config, options: dict) -> None:
 def resolve_config(device: torch.device, config: QuantConfig | None, options: dict) -> QuantConfig:
     check_choices(config, options)
     base = config if config is not None else default_config(device)
+    if not options:
+        return base
     changes = {CONFIG_KEYWORDS[key]: value for key, value in options.items() if value is not None}
     if "pv_accum" in changes and "pv_dtype" not in changes and changes["pv_accum"] not in PV_ACCUMS[base.pv_dtype]:
         # an accumulator that only one PV precision has names that precision
@@ -92,6 +94,16 @@ def varlen_to_hnd(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).unsqueeze(0)
 
 
+def dense_hnd_shape(shape, tensor_layout: str) -> tuple:
+    """(B, H, N, d) of a dense tensor's shape in `tensor_layout` (no view made: shapes only)."""
+    return shape if tensor_layout == "HND" else (shape[0], shape[2], shape[1], shape[3])
+
+
+def varlen_hnd_shape(shape) -> tuple:
+    """(H, total, d) of a packed [total, H, d] shape."""
+    return (shape[1], shape[0], shape[2])
+
+
 def default_scale(sm_scale, d: int) -> float:
     return float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
 
@@ -105,8 +117,11 @@ def check_dense(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config,
     V.check_layout(tensor_layout)
     V.check_qkv(q, k, v, 4, DENSE_SHAPES)
     _check_flags_and_scale(is_causal, return_lse, sm_scale)
-    to_hnd = dense_to_hnd(tensor_layout)
-    V.check_heads_and_dims(to_hnd(q).shape, to_hnd(k).shape, to_hnd(v).shape)
+    if tensor_layout == "HND":
+        V.check_heads_and_dims(q.shape, k.shape, v.shape)
+    else:
+        V.check_heads_and_dims(dense_hnd_shape(q.shape, "NHD"), dense_hnd_shape(k.shape, "NHD"),
+                               dense_hnd_shape(v.shape, "NHD"))  # fmt: skip
     return resolve_config(q.device, config, options)
 
 
@@ -142,7 +157,7 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     configuration."""
     V.check_qkv(q, k, v, 3, VARLEN_SHAPES)
     _check_flags_and_scale(is_causal, return_lse, sm_scale)
-    V.check_heads_and_dims(varlen_to_hnd(q).shape[1:], varlen_to_hnd(k).shape[1:], varlen_to_hnd(v).shape[1:])
+    V.check_heads_and_dims(varlen_hnd_shape(q.shape), varlen_hnd_shape(k.shape), varlen_hnd_shape(v.shape))
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         # before check_cu_seqlens reads the offsets: a device that cannot be read (meta) must not hide this
         if isinstance(cu, torch.Tensor) and cu.device != q.device:
