@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from quantattn import sageattn
+from quantattn import sageattn, settings
 from quantattn.config import VARIANTS
 from quantattn.kernels import launch
 
@@ -105,8 +105,10 @@ def main():
     costs = {}
     for flag in ("0", "1", "0"):
         os.environ["QUANTATTN_EXACT_CASTS"] = flag
+        settings.reload()  # quantattn reads the environment once
         costs.setdefault(flag, []).append(median_ms(lambda: launch.attention(q, kv, False, d**-0.5, out, None, seqs)))
     os.environ["QUANTATTN_EXACT_CASTS"] = "0"
+    settings.reload()  # quantattn reads the environment once
     print(f"exact-cast helpers: hardware casts {costs['0']} ms, helpers {costs['1']} ms (kernel only)")
     report["exact_casts_ms"] = costs
     if args.json:

@@ -13,7 +13,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from quantattn import sageattn
+from quantattn import sageattn, settings
 
 CALLS = 20
 
@@ -54,6 +54,7 @@ def main(head_dims):
             flops = 4 * 4 * 32 * n * n * d
             for resident in ("1", "0"):
                 os.environ["QUANTATTN_HOPPER_RESIDENT"] = resident
+                settings.reload()  # quantattn reads the environment once
                 fn = lambda: sageattn(q, k, v, backend="hopper")  # noqa: E731
                 times = kernel_us(fn)
                 queued = queued_us(fn)

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_inspect import median_ms  # noqa: E402
 
+from quantattn import settings  # noqa: E402
 from quantattn.config import QuantConfig  # noqa: E402
 from quantattn.kernels import launch  # noqa: E402
 
@@ -29,8 +30,9 @@ def main():
         out = torch.empty_like(q)
         seqs = launch.sequences(q, None, 0)
         for bn, tile in itertools.product((64, 128), tiles):
-            os.environ["QUANTATTN_BLOCK_N"] = str(bn)
+            os.environ["QUANTATTN_EXPERIMENT_KV_BLOCK"] = str(bn)
             os.environ["QUANTATTN_TILE"] = ",".join(map(str, tile))
+            settings.reload()  # quantattn reads the environment once
             try:
                 ms = median_ms(lambda: launch.attention(q, kv, False, d**-0.5, out, None, seqs), reps=20)
                 tops = f"{4 * b * h * n * n * d / ms / 1e9:.0f}"

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from quantattn import sageattn
+from quantattn import sageattn, settings
 
 
 def us_per_call(fn, calls=500):
@@ -30,6 +30,7 @@ q, k, v = (torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16) for _
 call = lambda: sageattn(q, k, v, backend="quantized")  # noqa: E731
 for flag in ("0", "1", "0", "1"):
     os.environ["QUANTATTN_DIRECT_LAUNCH"] = flag
+    settings.reload()  # quantattn reads the environment once
     print(f"QUANTATTN_DIRECT_LAUNCH={flag}: {us_per_call(call):.1f} us per whole call on [1, 1, 64, 128]")
 torch.cuda.synchronize()
 prof = cProfile.Profile()

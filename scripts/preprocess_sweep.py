@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from quantattn import hopper
+from quantattn import hopper, settings
 from quantattn.bench.timing import median_seconds
 from quantattn.config import QuantConfig
 from quantattn.hopper import launch as hopper_launch
@@ -34,9 +34,11 @@ def main(head_dims):
             tri = median_seconds(lambda: launch.preprocess_kv(k, v, cfg, seqs, wgmma_order=True))
             times = []
             os.environ["QUANTATTN_HOPPER_RESIDENT"] = "0"
+            settings.reload()  # quantattn reads the environment once
             for hopper_launch.MAX_CHUNKS, hopper_launch.LAG_CHUNKS in configs:
                 times.append(median_seconds(lambda: hopper_launch.preprocess(k, v, cfg, seqs)))
             os.environ["QUANTATTN_HOPPER_RESIDENT"] = "1"
+            settings.reload()  # quantattn reads the environment once
             resident = math.nan
             if n <= hopper.resident_max_keys():
                 resident = median_seconds(lambda: hopper_launch.preprocess(k, v, cfg, seqs))
