@@ -1,7 +1,7 @@
 """Guards: calls whose requested numerics cannot represent them go to a safe variant, decided from shapes,
 dtypes and flags only.
 
-`sageattn` and `sageattn_varlen` pass every call through `route` and `split` (in api._run). Both look at
+`sageattn` and `sageattn_varlen` pass every call through `route` and `split` (in backends.forward). Both look at
 nothing but shapes, dtypes and the configuration, so they cost a few attribute reads and never wait for
 the GPU. Problems that depend on the values (a huge V, a tiny one, a token outlier) cannot be routed
 without reading the values, which would synchronize with the GPU on every call: those are handled
