@@ -1,4 +1,4 @@
-"""Guards (issue #6, item 4): the inputs where low-bit attention breaks, each handled or routed.
+"""Guards: the inputs where low-bit attention breaks, each handled or routed.
 
 Every case runs through the public API (the reference backend on CPU tensors; the kernels through the
 Triton interpreter where marked) and is compared with FP64 attention. What each case is and what

@@ -84,7 +84,9 @@ def imports_of(module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             # `from pkg import sub` imports the submodule when there is one, else a name of pkg
             names = [f"{base}.{a.name}" if resolve(f"{base}.{a.name}") else base for a in node.names]
         else:
