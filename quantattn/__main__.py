@@ -33,7 +33,7 @@ GPU_WORKLOAD = {"batch": 4, "heads": 32, "seq_len": 4096, "head_dim": 128}
 # N=256: the reference emulates the FP8 tensor-core accumulation exactly, and at N=1024 its five
 # variants took a minute of CPU time (N=256: seconds); the README sends new users here first.
 CPU_WORKLOAD = {"batch": 1, "heads": 4, "seq_len": 256, "head_dim": 128}
-ACCURACY_HEADS = 8  # the GPU accuracy slice is [1, 8, N, d], as BENCHMARK.md has it
+ACCURACY_HEADS = 8  # the GPU accuracy slice is [1, 8, N, d], the benchmark protocol's slice (quantattn/bench/cases.py)
 # Below this many bytes of q, k and v, timing rotates through several input sets, so that the
 # inputs are not served from a warm L2 cache (50 MiB on H100).
 ROTATION_BYTES = 256 << 20

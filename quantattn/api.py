@@ -1,90 +1,21 @@
-"""Public API, name-compatible with the official `sageattention` package.
+"""Public API, name-compatible with the official `sageattention` package: the entry layer.
 
-Every public function builds one QuantConfig and one AttentionCall and hands them to a backend.
+Each public function validates its arguments and resolves its QuantConfig once (quantattn/prepare.py),
+then runs the call one of three ways, none of which comes back here:
+- eager, no gradient to record: prepare.run_dense / run_varlen build one AttentionCall and hand it to the
+  backend registry (quantattn/backends) directly, off the PyTorch dispatcher (it would add host time);
+- eager, inputs that require grad: the autograd.Function of quantattn/autograd.py, whose forward is that
+  same run_dense;
+- under torch.compile: the custom operators of quantattn/ops.py, one per entry point.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import torch
 
-from quantattn import guards, ops
-from quantattn import validation as V
-from quantattn.backends import AttentionCall, SdpaBackend, device_capability, select_backend
-from quantattn.config import PV_ACCUMS, QuantConfig
-
-# keyword name (official package's where it has one) -> QuantConfig field
-CONFIG_KEYWORDS = {
-    "qk_quant_dtype": "qk_dtype",
-    "qk_quant_gran": "qk_granularity",
-    "pv_dtype": "pv_dtype",
-    "pv_accum_dtype": "pv_accum",
-    "smooth_k": "smooth_k",
-    "smooth_q": "smooth_q",
-    "smooth_v": "smooth_v",
-}
-
-_warned_cpu = False
-
-
-_SAGE2 = QuantConfig()
-_SAGE1_FP32_ACC = QuantConfig(pv_dtype="fp16", pv_accum="fp32")
-
-
-def default_config(device: torch.device) -> QuantConfig:
-    """SageAttention2 (INT8 QK per token, FP8 PV, two-level accumulation) where FP8 runs, else SageAttention."""
-    if device.type == "cuda" and device_capability(device) < (8, 9):
-        return _SAGE1_FP32_ACC
-    return _SAGE2
-
-
-def resolve_config(device: torch.device, config: QuantConfig | None, options: dict) -> QuantConfig:
-    unknown = sorted(set(options) - set(CONFIG_KEYWORDS))
-    if unknown:
-        raise TypeError(
-            f"unknown keyword argument(s) {', '.join(unknown)}; accepted: config, backend, "
-            + ", ".join(CONFIG_KEYWORDS)
-        )
-    if config is not None and not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a quantattn.QuantConfig, got {type(config).__name__}")
-    base = config if config is not None else default_config(device)
-    changes = {CONFIG_KEYWORDS[key]: value for key, value in options.items() if value is not None}
-    if "pv_accum" in changes and "pv_dtype" not in changes and changes["pv_accum"] not in PV_ACCUMS[base.pv_dtype]:
-        # an accumulator that only one PV precision has names that precision
-        owners = [pv for pv, accums in PV_ACCUMS.items() if changes["pv_accum"] in accums]
-        if len(owners) == 1:
-            changes["pv_dtype"] = owners[0]
-    pv_dtype = changes.get("pv_dtype", base.pv_dtype)
-    if pv_dtype != base.pv_dtype and "pv_accum" not in changes and pv_dtype in PV_ACCUMS:  # else QuantConfig says why
-        changes["pv_accum"] = PV_ACCUMS[changes["pv_dtype"]][0]
-    return base.replace(**changes) if changes else base
-
-
-def _run(call: AttentionCall, backend: str) -> torch.Tensor | None:
-    """Route the call past numerics that cannot represent it (quantattn.guards: shapes and dtypes only, no
-    GPU sync), choose the backend (so that a refused choice is refused even for empty inputs), run it.
-
-    Returns None when the backend wrote call.out, or torch SDPA's HND output where backend="auto" gave the
-    call to torch's SDPA (returned as it is rather than copied into call.out)."""
-    global _warned_cpu
-    call = guards.route(call)
-    chosen = select_backend(call, backend)
-    if not call.out.numel():
-        return None
-    if isinstance(chosen, SdpaBackend):
-        return chosen.run(call)
-    if chosen.name == "reference" and call.q.device.type == "cpu" and not _warned_cpu:
-        _warned_cpu = True
-        warnings.warn(
-            "quantattn: CPU tensors run the pure-PyTorch reference of the quantized kernels: correct, slow; "
-            "speed needs an NVIDIA GPU",
-            stacklevel=3,
-        )
-    for part in guards.split(call):
-        chosen.forward(part)
-    return None
+from quantattn import autograd, ops, prepare
+from quantattn.config import QuantConfig
+from quantattn.prepare import CONFIG_KEYWORDS, default_config, resolve_config  # noqa: F401  public here too
 
 
 def sageattn(
@@ -124,38 +55,15 @@ def sageattn(
         return ops.sageattn(
             q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend, options, attn_mask, key_lengths
         )
-    V.check_layout(tensor_layout)
-    V.check_qkv(q, k, v, 4, "[B, H, N, d] for 'HND', [B, N, H, d] for 'NHD'")
-    for name, value in (("is_causal", is_causal), ("return_lse", return_lse)):
-        V.check_flag(name, value)
-    V.check_sm_scale(sm_scale)
-    to_hnd = (lambda t: t) if tensor_layout == "HND" else (lambda t: t.transpose(1, 2))
-    qh, kh, vh = to_hnd(q), to_hnd(k), to_hnd(v)
-    V.check_heads_and_dims(qh.shape, kh.shape, vh.shape)
-    cfg = resolve_config(q.device, config, options)
-    b, hq, nq, d = qh.shape
-    mask_needs_grad = isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or mask_needs_grad):
+    cfg = prepare.check_dense(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, options)
+    if autograd.needs_grad(q, k, v, attn_mask):
         # a float mask that requires grad takes the same road: there is no mask gradient to give (yet)
-        from quantattn.autograd import sageattn_with_grad  # quantized forward, exact-attention gradient
-
-        return sageattn_with_grad(
+        return autograd.sageattn_with_grad(
             q, k, v, tensor_layout, is_causal, sm_scale, return_lse, cfg, backend, attn_mask, key_lengths
         )
-    if attn_mask is not None:
-        attn_mask = V.check_attn_mask(attn_mask, q, (b, hq, nq, kh.shape[2]))
-    if key_lengths is not None:
-        key_lengths = V.check_key_lengths(key_lengths, q, b, kh.shape[2])
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device) if return_lse else None
-    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
-    call = AttentionCall(
-        qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse, attn_mask=attn_mask, key_lengths=key_lengths
+    return prepare.run_dense(
+        q, k, v, tensor_layout, is_causal, sm_scale, return_lse, cfg, backend, attn_mask, key_lengths
     )
-    sdpa_out = _run(call, backend)
-    if sdpa_out is not None:  # torch's SDPA took it (backend="auto"; never with return_lse): q's layout, contiguous
-        return (sdpa_out if tensor_layout == "HND" else sdpa_out.transpose(1, 2)).contiguous()
-    return (out, lse) if return_lse else out
 
 
 def sageattn_varlen(
@@ -186,34 +94,11 @@ def sageattn_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale, return_lse, config,
             backend, options,
         )  # fmt: skip
-    V.check_qkv(q, k, v, 3, "[total_tokens, H, d]")
-    for name, value in (("is_causal", is_causal), ("return_lse", return_lse)):
-        V.check_flag(name, value)
-    V.check_sm_scale(sm_scale)
-    to_hnd = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  [total, H, d] -> [1, H, total, d]
-    qh, kh, vh = to_hnd(q), to_hnd(k), to_hnd(v)
-    V.check_heads_and_dims(qh.shape[1:], kh.shape[1:], vh.shape[1:])
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        # before check_cu_seqlens reads the offsets: a device that cannot be read (meta) must not hide this
-        if isinstance(cu, torch.Tensor) and cu.device != q.device:
-            raise ValueError(f"{name} must be on q's device ({q.device}), got {cu.device}")
-    V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, max_seqlen_q, "max_seqlen_q")
-    V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel() - 1, max_seqlen_k, "max_seqlen_k")
-    cfg = resolve_config(q.device, config, options)
-    hq, total_q, d = qh.shape[1:]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        from quantattn.autograd import VARLEN_ERROR
-
-        raise NotImplementedError(VARLEN_ERROR)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(1, hq, total_q, dtype=torch.float32, device=q.device) if return_lse else None
-    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
-    call = AttentionCall(
-        qh, kh, vh, cfg, is_causal, scale, to_hnd(out), lse,
-        cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-    )  # fmt: skip
-    _run(call, backend)  # varlen calls never go to torch's SDPA: the backend wrote out
-    return (out, lse[0]) if return_lse else out
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale, return_lse)
+    cfg = prepare.check_varlen(*args, config, options)
+    if autograd.needs_grad(q, k, v):
+        raise NotImplementedError(autograd.VARLEN_ERROR)
+    return prepare.run_varlen(*args, cfg, backend)
 
 
 # The official package's explicit entry points, with its positional order, so that calls written for it

@@ -22,18 +22,11 @@ Dense calls only: sageattn_varlen, masks and key lengths have no backward yet.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from quantattn import backends, prepare
+from quantattn.backends import backward_backend  # noqa: F401  (which backward runs: the registry decides)
 from quantattn.config import QuantConfig
-
-
-def backward_backend(device: torch.device, requested: str) -> str:
-    """Which backward runs: "triton" or "reference" (the forward has refused what neither can do)."""
-    if requested in ("triton", "reference"):
-        return requested
-    return "triton" if device.type == "cuda" else "reference"
 
 
 def attention_grads(
@@ -50,21 +43,12 @@ def attention_grads(
     """(dq, dk, dv): the gradient of full-precision attention at q, k, v for the upstream gradient
     grad_out (q's layout and shape) and, optionally, grad_lse ([B, Hq, Nq]). Gradients come back in
     the inputs' layouts and dtypes, contiguous."""
-    to_hnd = (lambda t: t) if tensor_layout == "HND" else (lambda t: t.transpose(1, 2))
+    to_hnd = prepare.dense_to_hnd(tensor_layout)
     qh, kh, vh, doh = to_hnd(q), to_hnd(k), to_hnd(v), to_hnd(grad_out)
-    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = prepare.default_scale(sm_scale, q.shape[-1])
     grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     dq, dk, dv = (to_hnd(g) for g in grads)
-    if backward_backend(q.device, backend) == "triton":
-        from quantattn.kernels.backward_launch import attention_backward
-
-        attention_backward(qh, kh, vh, doh, is_causal, scale, dq, dk, dv, grad_lse)
-    else:
-        from quantattn.reference.backward import attention_backward_reference
-
-        for dst, src in zip((dq, dk, dv), attention_backward_reference(qh, kh, vh, doh, is_causal, scale, grad_lse),
-                            strict=True):  # fmt: skip
-            dst.copy_(src)
+    backends.backward(qh, kh, vh, doh, is_causal, scale, dq, dk, dv, grad_lse, backend)
     return grads
 
 
@@ -80,10 +64,8 @@ class SageAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tensor_layout: str, is_causal: bool, sm_scale, return_lse: bool,
                 config: QuantConfig, backend: str):  # fmt: skip
-        from quantattn import api
-
-        # autograd records nothing inside forward: this is the plain quantized call
-        res = api.sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config=config, backend=backend)
+        # autograd records nothing inside forward: this is the plain quantized call (api.sageattn validated it)
+        res = prepare.run_dense(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend)
         ctx.save_for_backward(q, k, v)
         ctx.args = (tensor_layout, is_causal, sm_scale, backend)
         return res
@@ -100,14 +82,16 @@ class SageAttentionFunction(torch.autograd.Function):
         return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, *([None] * 6)
 
 
-def needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd would record a call on these tensors."""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> bool:
+    """Whether autograd would record a call on these tensors (a float mask that requires grad counts)."""
+    return torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (isinstance(mask, torch.Tensor) and mask.requires_grad)
+    )
 
 
 def sageattn_with_grad(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend, attn_mask=None,
                        key_lengths=None):  # fmt: skip
-    """sageattn for inputs that require grad (api.sageattn calls this after validating the arguments)."""
+    """sageattn for inputs that require grad (api.sageattn calls this after prepare.check_dense)."""
     if attn_mask is not None or key_lengths is not None:
         raise NotImplementedError(_MASK_ERROR)
     return SageAttentionFunction.apply(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, backend)

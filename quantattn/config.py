@@ -22,6 +22,10 @@ PV_ACCUMS = {
 
 QMAX = {"int8": 127.0, "int4": 7.0}
 
+# exp(x) = exp2(x * LOG2E): the kernels and the reference fold LOG2E into the score scale and use exp2
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
 # Group sizes (rows of Q, keys of K) that share one scale.
 Q_BLOCK_ROWS = 64  # per_block Q groups, and the blocks smooth-Q averages over
 Q_WARP_ROWS = 16  # per_warp Q groups

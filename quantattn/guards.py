@@ -1,7 +1,7 @@
 """Guards: calls whose requested numerics cannot represent them go to a safe variant, decided from shapes,
 dtypes and flags only.
 
-`sageattn` and `sageattn_varlen` pass every call through `route` and `split` (in api._run). Both look at
+`sageattn` and `sageattn_varlen` pass every call through `route` and `split` (in backends.forward). Both look at
 nothing but shapes, dtypes and the configuration, so they cost a few attribute reads and never wait for
 the GPU. Problems that depend on the values (a huge V, a tiny one, a token outlier) cannot be routed
 without reading the values, which would synchronize with the GPU on every call: those are handled
@@ -21,11 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quantattn.backends import AttentionCall
+from quantattn.calls import MAX_GRID_Y, AttentionCall, grid_parts
 from quantattn.config import QuantConfig
-
-# CUDA's limit on the second and third grid dimensions: the kernels put (sequence, head) pairs there.
-MAX_GRID_Y = 65535
 
 
 @dataclass(frozen=True)
@@ -74,14 +71,12 @@ def split(call: AttentionCall) -> tuple[AttentionCall, ...]:
     The kernels launch one program row per (sequence, head) on the grid's second dimension, which CUDA
     caps at 65535 (a batch of 2048 images with 32 heads passes it). Sequences are independent (each is
     smoothed and quantized on its own), so the parts compute exactly what the whole would."""
-    hq = call.q.shape[1]
     count = call.cu_seqlens_q.numel() - 1 if call.is_varlen else call.q.shape[0]
-    if count * hq <= MAX_GRID_Y or hq > MAX_GRID_Y:
+    runs = grid_parts(count, call.q.shape[1])
+    if len(runs) == 1:
         return (call,)
-    step = MAX_GRID_Y // hq
     parts = []
-    for s in range(0, count, step):
-        e = min(s + step, count)
+    for s, e in runs:
         if call.is_varlen:
             # the offsets are absolute rows of the packed tensors: a slice of them addresses its sequences
             part = dataclasses.replace(call, cu_seqlens_q=call.cu_seqlens_q[s : e + 1],

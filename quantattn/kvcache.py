@@ -13,13 +13,13 @@ import math
 
 import torch
 
+from quantattn import backends
 from quantattn import validation as V
-from quantattn.backends import _triton_installed, device_capability, interpreter_active
 from quantattn.config import QuantConfig
 from quantattn.reference import decode as R
 
 _DEFAULT = QuantConfig()
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = backends.DECODE_REQUESTS
 
 
 def _check_config(config) -> QuantConfig:
@@ -40,31 +40,6 @@ def _check_config(config) -> QuantConfig:
     if problems:
         raise ValueError(f"config: the quantized KV cache needs {'; '.join(problems)}; got {config.name}")
     return config
-
-
-def _choose_backend(device: torch.device, backend: str) -> str:
-    """'triton' or 'reference' for tensors on `device`; says why when the kernels cannot run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    if backend == "reference":
-        return backend
-    if device.type == "cpu":
-        if backend == "auto":
-            return "reference"
-        if _triton_installed() and interpreter_active():
-            return "triton"
-        raise RuntimeError("backend 'triton' needs CUDA tensors (TRITON_INTERPRET=1 runs it on the CPU)")
-    reason = None
-    if not _triton_installed():
-        reason = "triton is not installed"
-    elif device.type != "cuda":
-        reason = f"needs CUDA tensors (got {device.type})"
-    elif device_capability(device) < (8, 9):
-        cap = device_capability(device)
-        reason = f"FP8 needs compute capability >= 8.9 (Ada, Hopper), this GPU has {cap[0]}.{cap[1]}"
-    if reason:
-        raise RuntimeError(f"the quantized KV cache's kernels cannot run: {reason}; backend='reference' runs anywhere")
-    return "triton"
 
 
 def _to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -149,7 +124,7 @@ class QuantizedKVCache:
         if capacity is not None and capacity < n:
             raise ValueError(f"capacity ({capacity}) is smaller than the number of tokens given ({n})")
         cfg = _check_config(config)
-        chosen = _choose_backend(k.device, backend)
+        chosen = backends.decode_backend(k.device, backend)
         cap = _round_up(max(capacity if capacity is not None else n, 1), R.V_BLOCK)
         buf = R.KVCacheBuffers.allocate(b, hkv, d, cap, k.dtype, k.device)
         cache = cls(buf, 0, tensor_layout, cfg, chosen)
@@ -259,17 +234,7 @@ class QuantizedKVCache:
         needed = self._len + n
         if needed > self.capacity:
             self._buf = self._buf.grown(_round_up(max(2 * self.capacity, needed), R.V_BLOCK), self._len)
-        if self.backend == "triton":
-            from quantattn.kernels import decode_launch
-
-            run = decode_launch.append
-            if kh.is_cuda and kh.device.index != torch.cuda.current_device():
-                with torch.cuda.device(kh.device):
-                    run(self._buf, kh.detach(), vh.detach(), self._len, self.config)
-            else:
-                run(self._buf, kh.detach(), vh.detach(), self._len, self.config)
-        else:
-            R.append_reference(self._buf, kh.detach(), vh.detach(), self._len, self.config.v_range)
+        backends.BACKENDS[self.backend].decode_append(self._buf, kh.detach(), vh.detach(), self._len, self.config)
         self._len = needed
 
 
@@ -318,7 +283,7 @@ def sageattn_decode(
         raise ValueError(f"q's head_dim ({d}) must equal the cache's ({cache.head_dim})")
     if hq % cache.kv_heads:
         raise ValueError(f"the query heads ({hq}) must be a multiple of the cache's kv heads ({cache.kv_heads})")
-    chosen = _choose_backend(q.device, backend)
+    chosen = backends.decode_backend(q.device, backend)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
     n_keys = len(cache)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -327,28 +292,8 @@ def sageattn_decode(
         out.zero_()
         if lse is not None:
             lse.fill_(-math.inf)
-    elif chosen == "triton":
-        from quantattn.kernels import decode_launch
-
-        if q.is_cuda and q.device.index != torch.cuda.current_device():
-            with torch.cuda.device(q.device):
-                decode_launch.decode_attention(
-                    qh, cache.buffers, n_keys, cache.config, is_causal, scale, _to_hnd(out, tensor_layout), lse
-                )
-        else:
-            decode_launch.decode_attention(
-                qh, cache.buffers, n_keys, cache.config, is_causal, scale, _to_hnd(out, tensor_layout), lse
-            )
     else:
-        fp32_pv = False
-        if q.is_cuda:  # mirror the kernel this GPU would run (its P V accumulator depends on the tile)
-            from quantattn.kernels.decode_launch import reference_rows_in_fp32
-
-            fp32_pv = reference_rows_in_fp32(qh, cache.kv_heads, cache.config)
-        res = R.decode_reference(qh, cache.buffers, n_keys, cache.config, is_causal, scale, return_lse, fp32_pv=fp32_pv)
-        if return_lse:
-            _to_hnd(out, tensor_layout).copy_(res[0])
-            lse.copy_(res[1])
-        else:
-            _to_hnd(out, tensor_layout).copy_(res)
+        backends.BACKENDS[chosen].decode(
+            qh, cache.buffers, n_keys, cache.config, is_causal, scale, _to_hnd(out, tensor_layout), lse
+        )
     return (out, lse) if return_lse else out

@@ -1,9 +1,10 @@
 """How much GPU memory one quantattn call allocates besides its output: the quantized K/V buffers and
 the statistics the kernels read, nothing that copies Q, K or V in their own precision.
 
-`extra_bytes` mirrors the buffers that quantattn/kernels/launch.py allocates (`preprocess_kv`,
-`token_stats`, `_smooth_q_terms`, `sequences`) and when each is freed; it must change whenever they
-do, and tests/gpu/test_integrations_gpu.py checks it against `torch.cuda.max_memory_allocated`.
+The K/V buffers (`preprocess_kv`'s outputs and scratch) are computed from the layout the launchers
+allocate, quantattn.calls.kv_buffer_layout; the other buffers of quantattn/kernels/launch.py (`token_stats`'
+per-tensor Q statistics, `_smooth_q_terms`' temporaries, `sequences`' int32 offsets) are stated here,
+and tests/gpu/test_integrations_gpu.py checks the total against `torch.cuda.max_memory_allocated`.
 Each buffer counts as the CUDA caching allocator counts it: rounded up to 512 bytes.
 
 The Hopper backend (quantattn/hopper) allocates the same buffers with k_scale rows rounded up to 4 floats
@@ -18,19 +19,15 @@ included, is read in place).
 from __future__ import annotations
 
 from quantattn import config as C
+from quantattn.calls import cdiv, kv_buffer_layout
 from quantattn.config import QuantConfig
 
 ALLOCATOR_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of this
 FLOAT32, INT32, INT64 = 4, 4, 8
-PV_16BIT = 2  # smoothed V in fp16 / bf16
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _block(nbytes: int) -> int:
-    return _cdiv(nbytes, ALLOCATOR_BLOCK) * ALLOCATOR_BLOCK if nbytes else 0
+    return cdiv(nbytes, ALLOCATOR_BLOCK) * ALLOCATOR_BLOCK if nbytes else 0
 
 
 def buffers(
@@ -44,8 +41,6 @@ def buffers(
 ) -> dict[str, int]:
     """Bytes of each buffer one call allocates (arguments as for extra_bytes); "smooth_q" is the peak
     of smooth Q's temporaries."""
-    from quantattn.kernels import launch as L  # the launcher's own constants (imports Triton)
-
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a quantattn.QuantConfig, got {type(config).__name__}")
     if (num_sequences is None) != (max_seqlen_k is None):
@@ -70,21 +65,11 @@ def buffers(
     if b * hq * nq * d == 0:
         return sizes  # nothing runs
 
-    # preprocess_kv: statistics (mean, max, min of K and V), INT8 K, its scales, the quantized V
-    sizes["stats"] = _block(2 * 3 * seqs * hkv * d * FLOAT32)
-    sizes["k_int8"] = _block(b * hkv * nk * d)
-    sizes["k_scale"] = _block(b * hkv * nk * FLOAT32)
-    if config.is_fp8_pv:
-        sizes["v_quant"] = _block(b * hkv * d * _cdiv(max(nk, 1), 16) * 16)  # FP8, transposed, keys padded
-    elif config.smooth_v:
-        sizes["v_quant"] = _block(b * hkv * nk * d * PV_16BIT)
-    # (otherwise the kernel reads V itself)
-    if seqs * hkv and max_len:
-        blocks = _cdiv(max_len, L.QUANT_BLOCK)
-        per_chunk = 1 << max(_cdiv(blocks, L.MAX_CHUNKS) - 1, 0).bit_length()
-        rows = L.PARTIAL_ROWS.value  # sums, maxima, minima of K and V, K's finite counts
-        sizes["partials"] = _block(seqs * hkv * _cdiv(blocks, per_chunk) * rows * L.head_dim_pad(d) * FLOAT32)
-        sizes["sync"] = _block((seqs * hkv + 1) * INT32)  # the ticket and per-head arrival counters
+    # preprocess_kv: statistics (mean, max, min of K and V), INT8 K, its scales, the quantized V (absent
+    # where the kernel reads V itself), the partial sums and the ticket counters (the Triton layout)
+    layout = kv_buffer_layout(b, hkv, nk, d, seqs, max_len, config)
+    for name in layout.allocations:
+        sizes[name] = _block(layout.nbytes(name))
     if varlen:
         sizes["offsets"] = 2 * _block((seqs + 1) * INT32)  # sequences(): cu_seqlens as int32 (q's and k's)
     # attention: per-tensor Q statistics, or smooth Q's block means and score corrections
@@ -125,7 +110,7 @@ def extra_bytes(
 def _smooth_q_peak(b: int, hq: int, nq: int, hkv: int, nk: int, d: int) -> int:
     """The float32 temporaries of launch._smooth_q_terms at their peak, step by step, plus what it
     returns (block means and score corrections, alive while the kernel runs)."""
-    nb = _cdiv(nq, C.Q_BLOCK_ROWS)
+    nb = cdiv(nq, C.Q_BLOCK_ROWS)
     q32 = _block(b * hq * nq * d * FLOAT32)
     finite = _block(b * hq * nq * d)  # torch.isfinite's bool mask
     padded = _block(b * hq * nb * C.Q_BLOCK_ROWS * d * FLOAT32)

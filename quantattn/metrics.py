@@ -95,7 +95,7 @@ def make_qkv(
 
 
 def attention_ops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool) -> float:
-    """Operations of one attention forward, counted as BENCHMARK.md does: 4 B H Nq Nk d, halved when causal."""
+    """Operations of one attention forward, counted as the benchmark counts them (README "Performance"): 4 B H Nq Nk d, halved when causal."""
     ops = 4.0 * batch * heads * seq_q * seq_k * head_dim
     return ops / 2 if causal else ops
 

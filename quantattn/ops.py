@@ -5,7 +5,8 @@ resolution or device queries. Under torch.compile, `sageattn` and `sageattn_varl
 `torch.ops.quantattn.sageattn` / `sageattn_varlen` (api.py checks `torch.compiler.is_compiling()`
 first thing), which the graph holds as one opaque node. The fake implementations give the output
 shapes from the input shapes, and run the eager checks while the graph is traced, so a bad call fails
-at compile time with the eager message. The real implementations call the eager entry points, so a
+at compile time with the eager message. The real implementations validate and resolve the call once
+(quantattn/prepare.py, which api.py skips under torch.compile) and run it as an eager call does, so a
 compiled call computes exactly what an eager one does. Eager calls never come here: the dispatcher
 would add microseconds of host time to every call.
 
@@ -21,7 +22,7 @@ import dataclasses
 
 import torch
 
-from quantattn import api  # partly initialized here (api imports this module): read at call time only
+from quantattn import autograd, prepare
 from quantattn import validation as V
 from quantattn.config import QuantConfig
 
@@ -43,16 +44,9 @@ VARLEN_SCHEMA = (
 
 def flatten_choices(config, options: dict) -> tuple:
     """config's fields (or Nones), then each field an option sets (or None), in FIELDS order."""
-    if config is not None and not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a quantattn.QuantConfig, got {type(config).__name__}")
-    unknown = sorted(key for key in options if key not in api.CONFIG_KEYWORDS)
-    if unknown:
-        raise TypeError(
-            f"unknown keyword argument(s) {', '.join(unknown)}; accepted: config, backend, "
-            + ", ".join(api.CONFIG_KEYWORDS)
-        )
+    prepare.check_choices(config, options)
     configured = tuple(getattr(config, f) for f in FIELDS) if config is not None else (None,) * len(FIELDS)
-    chosen = {api.CONFIG_KEYWORDS[key]: value for key, value in options.items()}
+    chosen = {prepare.CONFIG_KEYWORDS[key]: value for key, value in options.items()}
     return configured + tuple(chosen.get(f) for f in FIELDS)
 
 
@@ -61,7 +55,7 @@ def unflatten_choices(choices) -> tuple[QuantConfig | None, dict]:
     which resolve_config does too)."""
     configured, chosen = choices[: len(FIELDS)], choices[len(FIELDS) :]
     config = None if configured[0] is None else QuantConfig(**dict(zip(FIELDS, configured, strict=True)))
-    field_keyword = {field: keyword for keyword, field in api.CONFIG_KEYWORDS.items()}
+    field_keyword = {field: keyword for keyword, field in prepare.CONFIG_KEYWORDS.items()}
     options = {field_keyword[f]: value for f, value in zip(FIELDS, chosen, strict=True) if value is not None}
     return config, options
 
@@ -99,31 +93,25 @@ def _no_lse(q: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("quantattn::sageattn", mutates_args=(), schema=DENSE_SCHEMA)
 def _sageattn_op(q, k, v, tensor_layout, attn_mask, key_lengths, is_causal, sm_scale, return_lse, backend, *choices):
     config, options = unflatten_choices(choices)
-    masks = dict(attn_mask=attn_mask, key_lengths=key_lengths)
-    if return_lse:
-        return api.sageattn(
-            q, k, v, tensor_layout, is_causal, sm_scale, True, config=config, backend=backend, **masks, **options
-        )
-    out = api.sageattn(
-        q, k, v, tensor_layout, is_causal, sm_scale, False, config=config, backend=backend, **masks, **options
-    )
-    return out, _no_lse(q)
+    cfg = prepare.check_dense(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, config, options)
+    res = prepare.run_dense(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, cfg, backend, attn_mask,
+                            key_lengths)  # fmt: skip
+    return res if return_lse else (res, _no_lse(q))
 
 
 @_sageattn_op.register_fake
 def _sageattn_fake(q, k, v, tensor_layout, attn_mask, key_lengths, is_causal, sm_scale, return_lse, backend, *choices):
     V.check_layout(tensor_layout)
-    V.check_qkv(q, k, v, 4, "[B, H, N, d] for 'HND', [B, N, H, d] for 'NHD'")
+    V.check_qkv(q, k, v, 4, prepare.DENSE_SHAPES)
     V.check_sm_scale(sm_scale)
-    to_hnd = (lambda s: s) if tensor_layout == "HND" else (lambda s: (s[0], s[2], s[1], s[3]))
-    qs = to_hnd(q.shape)
-    V.check_heads_and_dims(qs, to_hnd(k.shape), to_hnd(v.shape))
+    qs, ks, vs = (prepare.dense_hnd_shape(t.shape, tensor_layout) for t in (q, k, v))
+    V.check_heads_and_dims(qs, ks, vs)
     if attn_mask is not None:
-        V.check_attn_mask(attn_mask, q, (*qs[:3], to_hnd(k.shape)[2]))
+        V.check_attn_mask(attn_mask, q, (*qs[:3], ks[2]))
     if key_lengths is not None:
-        V.check_key_lengths(key_lengths, q, qs[0], to_hnd(k.shape)[2])
+        V.check_key_lengths(key_lengths, q, qs[0], ks[2])
     config, options = unflatten_choices(choices)
-    api.resolve_config(q.device, config, options)
+    prepare.resolve_config(q.device, config, options)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty(qs[:3], dtype=torch.float32) if return_lse else _no_lse(q)
     return out, lse
@@ -135,10 +123,9 @@ def _sageattn_varlen_op(
     *choices,
 ):  # fmt: skip
     config, options = unflatten_choices(choices)
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale)
-    if return_lse:
-        return api.sageattn_varlen(*args, True, config=config, backend=backend, **options)
-    return api.sageattn_varlen(*args, False, config=config, backend=backend, **options), _no_lse(q)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale, return_lse)
+    res = prepare.run_varlen(*args, prepare.check_varlen(*args, config, options), backend)
+    return res if return_lse else (res, _no_lse(q))
 
 
 @_sageattn_varlen_op.register_fake
@@ -147,21 +134,15 @@ def _sageattn_varlen_fake(
     *choices,
 ):  # fmt: skip
     # the offsets' values are data: the real implementation checks them
-    V.check_qkv(q, k, v, 3, "[total_tokens, H, d]")
+    V.check_qkv(q, k, v, 3, prepare.VARLEN_SHAPES)
     V.check_sm_scale(sm_scale)
-
-    def to_hnd(s):  # [total, H, d] -> (H, total, d), as api.sageattn_varlen checks it
-        return (s[1], s[0], s[2])
-
-    V.check_heads_and_dims(to_hnd(q.shape), to_hnd(k.shape), to_hnd(v.shape))
+    V.check_heads_and_dims(*(prepare.varlen_hnd_shape(t.shape) for t in (q, k, v)))
     config, options = unflatten_choices(choices)
-    api.resolve_config(q.device, config, options)
+    prepare.resolve_config(q.device, config, options)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32) if return_lse else _no_lse(q)
     return out, lse
 
 
 # The dense operator's backward (compiled training): quantattn/autograd.py's exact-attention gradient.
-from quantattn import autograd as _autograd  # noqa: E402
-
-_autograd.register_operator_autograd()
+autograd.register_operator_autograd()

@@ -403,3 +403,14 @@ def fresh_integrations():
         for handler in reversed(stack):
             torch_sdpa.close_route(handler, (target,))
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _settings_follow_the_environment():
+    """quantattn.settings reads the environment once: after a test that changed it (monkeypatch has undone
+    its changes by the time this runs), the next test sees the environment's settings again."""
+    yield
+    from quantattn import settings
+
+    if settings.current != settings.Settings.from_env():
+        settings.reload()

@@ -95,7 +95,7 @@ ABLATION_GROUPS: dict[str, tuple[Setting, ...]] = {
     ),
 }
 
-# The flat list of the first accuracy tool (quantattn.accuracy before issue #6), kept for `--variants`.
+# The flat list of the first accuracy tool (quantattn.accuracy before the ablation tables), kept for `--variants`.
 ABLATIONS = {
     "sage1": SAGE1,
     "sage1-fp16acc": SAGE1_FP16ACC,

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from quantattn import settings
 from quantattn.backends.sdpa import SDPA_BACKENDS, SdpaBackend
 from quantattn.config import QuantConfig
 
@@ -59,7 +60,7 @@ def normalized_name(device_name: str) -> str:
 
 def user_dir() -> Path:
     """Where `--write-speed-table` writes by default and `auto` looks first."""
-    explicit = os.environ.get(ENV_DIR)
+    explicit = settings.current.speed_table_dir
     if explicit:
         return Path(explicit).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
@@ -72,7 +73,7 @@ def search_paths(device_name: str) -> list[Path]:
 
 
 def auto_sdpa_enabled() -> bool:
-    return os.environ.get(ENV_OFF, "1") != "0"
+    return settings.current.auto_sdpa
 
 
 def seq_len_text(n: float) -> str:
@@ -203,7 +204,9 @@ def table_for_device(index: int) -> SpeedTable | None:
 
 
 def reload() -> None:
-    """Forget the tables and settings read so far: the next call reads them again."""
+    """Forget the tables and settings read so far (quantattn.settings included): the next call reads them
+    again."""
+    settings.reload()
     table_for_device.cache_clear()
 
 

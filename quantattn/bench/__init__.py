@@ -1,4 +1,4 @@
-"""quantattn's speed benchmark: `python -m quantattn.bench` (see cli.py and BENCHMARK.md).
+"""quantattn's speed benchmark: `python -m quantattn.bench` (see cli.py and README "Performance").
 
 Importable without a GPU: the tables and charts are drawn from saved JSON on any machine.
 """

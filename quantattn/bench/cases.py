@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from quantattn.metrics import attention_ops, tops
 
-# BENCHMARK.md's protocol.
+# The benchmark protocol: the grid every run measures.
 HEAD_DIMS = (64, 128)
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768)
 CAUSALS = (False, True)
@@ -48,7 +48,7 @@ class Case:
 
     @property
     def ops(self) -> float:
-        """4 B H N^2 d, halved when causal (BENCHMARK.md)."""
+        """4 B H N^2 d, halved when causal (the FlashAttention convention)."""
         return attention_ops(self.batch, self.heads, self.seq_len, self.seq_len, self.head_dim, self.causal)
 
     def tops(self, milliseconds: float) -> float:

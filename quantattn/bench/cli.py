@@ -1,4 +1,4 @@
-"""`python -m quantattn.bench`: BENCHMARK.md's protocol in one run (needs a CUDA GPU).
+"""`python -m quantattn.bench`: the benchmark protocol (quantattn/bench/cases.py) in one run (needs a CUDA GPU).
 
 Every quantattn variant on the Triton kernels (whole call and kernel only), the default variant on the
 native Hopper kernel (sage2-8b-hopper, where quantattn.hopper runs: sm_90), torch SDPA with the cuDNN and
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m quantattn.bench",
         description="Speed (TOPS, whole call and kernel only) and accuracy of quantattn's variants (Triton kernels, "
         "and the native Hopper kernel where it runs) next to torch SDPA (cuDNN, flash) and the official "
-        "SageAttention, by the protocol of BENCHMARK.md. Needs a CUDA GPU, except with --from-json.",
+        "SageAttention, by the benchmark protocol (quantattn/bench/cases.py). Needs a CUDA GPU, except with --from-json.",
         epilog="Protocol defaults: bf16, HND, B=4, H=32, head_dim 64 128, N 1K..32K, causal off and on; CUDA-event "
         f"timing, {timing.WARMUPS} warm-ups after a compile call, median of >= {timing.MIN_REPEATS} repeats. "
         "--quick: head_dim 128, N 1K 4K 16K, causal off.",
@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--workloads", action="store_true",
-        help="instead of the protocol grid: the real models' attention shapes of BENCHMARK.md (Flux, SD3.5, Wan2.1, "
+        help="instead of the protocol grid: the real models' attention shapes (quantattn/bench/workloads.py: Flux, SD3.5, Wan2.1, "
         "HunyuanVideo, Llama-3-8B, Qwen2.5-7B), quantattn's whole call (the Hopper kernel where it runs) against "
         "cuDNN SDPA and backend='auto', back-to-back timing; JSON and a markdown table",
     )  # fmt: skip

@@ -94,7 +94,7 @@ def merge(docs: list[dict], sources: list[str] | None = None) -> dict:
 # ------------------------------------------------------------------------------------------------
 # The table
 
-CELL = 5  # TOPS as integers, as BENCHMARK.md's anchors (the JSON keeps every digit)
+CELL = 5  # TOPS as integers, as the README's tables (the JSON keeps every digit)
 
 
 def _cell(record: dict | None) -> str:

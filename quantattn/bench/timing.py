@@ -2,7 +2,7 @@
 
 The first call compiles (Triton JIT) and is never timed; `warmups` more calls follow, then the timed
 repeats. Calls rotate through the given argument sets so that small problems are not timed out of a warm
-L2. The repeat count is at least `min_repeats` (BENCHMARK.md: 30) and grows for short calls, whose
+L2. The repeat count is at least `min_repeats` (30 by the protocol) and grows for short calls, whose
 spread is larger, until the timed calls take about `target_s` (at most `max_repeats`).
 
 On the CPU (the benchmark's own test mode) the same loop runs with a wall clock.

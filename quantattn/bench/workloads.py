@@ -6,7 +6,7 @@ Per workload (B, Hq, Hkv, N, d, causal; bf16, HND, Nq = Nk), in one run:
   - sdpa-cudnn: torch SDPA restricted to cuDNN (grouped K/V heads with enable_gqa=True, or repeated outside
     the timing where cuDNN refuses that);
   - auto: `sageattn(backend="auto")`, and the path it took (torch SDPA by the speed table, or the kernel).
-Timing (BENCHMARK.md, "same-run figures"): CUDA events around groups of up to 20 back-to-back calls after a
+Timing ("same-run figures": every implementation timed in one run): CUDA events around groups of up to 20 back-to-back calls after a
 compile call and warm-ups, the per-call time of each group, median over the groups; inputs rotate through
 several sets where one set would stay in L2. Writes JSON (run metadata as the protocol benchmark's) and
 prints a markdown table last.
@@ -72,7 +72,7 @@ class Workload:
         return max(MIN_SETS, min(MAX_SETS, math.ceil(ROTATION_BYTES / max(self.set_bytes, 1))))
 
 
-# BENCHMARK.md's real models (bf16 HND; a video model's N is its latent tokens, text included).
+# The real models the benchmark times (bf16 HND; a video model's N is its latent tokens, text included).
 BUILTIN = (
     Workload("Flux 1024 px", 1, 24, 24, 4608, 128, False),
     Workload("SD3.5", 2, 24, 24, 4250, 64, False),

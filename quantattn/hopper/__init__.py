@@ -10,9 +10,10 @@ Everything else runs the Triton kernels. QUANTATTN_HOPPER=0 keeps backend="auto"
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from quantattn import settings
 
 
 @functools.cache
@@ -39,7 +40,7 @@ def _device_reason(index: int) -> str | None:
 
 def unavailable_reason(device: torch.device | None = None) -> str | None:
     """Why the Hopper backend cannot run here (None when it can)."""
-    if os.environ.get("QUANTATTN_HOPPER", "1") == "0":
+    if not settings.current.hopper:
         return "QUANTATTN_HOPPER=0"
     if not torch.cuda.is_available():
         return "needs an NVIDIA GPU (CUDA is not available)"

@@ -29,6 +29,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from quantattn import settings
+
 logger = logging.getLogger("quantattn")
 
 HERE = Path(__file__).resolve().parent
@@ -54,8 +56,8 @@ def _candidates() -> list[str]:
     """Where libnvrtc may be, most specific first: QUANTATTN_NVRTC, the nvidia wheels next to torch (CUDA
     12: nvidia/cuda_nvrtc/lib, CUDA 13: nvidia/cu13/lib), torch/lib, CUDA_HOME, then the loader's path."""
     found: list[str] = []
-    if os.environ.get("QUANTATTN_NVRTC"):
-        found.append(os.environ["QUANTATTN_NVRTC"])
+    if settings.current.nvrtc:
+        found.append(settings.current.nvrtc)
     roots = [p for p in sys.path if p and os.path.isdir(os.path.join(p, "nvidia"))]
     for root in roots:
         found += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", "libnvrtc.so*")), reverse=True)
@@ -171,8 +173,8 @@ def compile_cubin(source: str, name_expression: str, filename: str = "quantattn.
 
 def cache_root() -> Path:
     """QUANTATTN_CACHE, else $XDG_CACHE_HOME/quantattn, else ~/.cache/quantattn."""
-    if os.environ.get("QUANTATTN_CACHE"):
-        return Path(os.environ["QUANTATTN_CACHE"])
+    if settings.current.cache_dir:
+        return Path(settings.current.cache_dir)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "quantattn"
 

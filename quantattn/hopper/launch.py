@@ -5,21 +5,18 @@ synchronization, no tensor ops besides the buffers."""
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
-from quantattn.config import QuantConfig
+from quantattn import settings
+from quantattn.calls import LAG_CHUNKS, MAX_CHUNKS, KVBuffers, QuantizedKV, Sequences, cdiv, kv_buffers, sequences
+from quantattn.config import LOG2E, QuantConfig
 from quantattn.hopper import driver, kernels
-from quantattn.kernels import launch as L
-from quantattn.reference.attention import LOG2E
 
 HEAD_DIMS = (64, 128)
 # CUDA preprocessing: at most MAX_CHUNKS chunks per (batch, kv head) (the Triton kernel's number: the same
 # buffers), about LAG_CHUNKS chunks between a chunk's statistics and its quantization. Measured on the H100
 # (docs/perf-notes.md, session 6): 64 chunks were slower from 2K to 8K keys, other lags no faster.
-MAX_CHUNKS = L.MAX_CHUNKS
-LAG_CHUNKS = L.LAG_CHUNKS
 DTYPES = (torch.float16, torch.bfloat16)
 QK_GRANULARITIES = ("per_token", "per_thread")
 
@@ -50,9 +47,9 @@ def tensor_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     return reasons
 
 
-def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences, cfg: QuantConfig) -> str | None:
+def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: Sequences, cfg: QuantConfig) -> str | None:
     """Why the CUDA preprocessing cannot take K and V (it reads rows with 16-byte loads; dense calls only)."""
-    if os.environ.get("QUANTATTN_HOPPER_PREPROCESS", "1") == "0":
+    if not settings.current.hopper_preprocess:
         return "QUANTATTN_HOPPER_PREPROCESS=0"
     if cfg.qk_granularity != "per_token":
         return "K scales per thread group are computed by Triton's preprocessing"
@@ -66,31 +63,33 @@ def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences
     return None
 
 
-def preprocess_path(k: torch.Tensor, v: torch.Tensor, seqs: L.Sequences, cfg: QuantConfig) -> str:
+def preprocess_path(k: torch.Tensor, v: torch.Tensor, seqs: Sequences, cfg: QuantConfig) -> str:
     """Which preprocessing `preprocess` runs: "resident" (CUDA, one cluster of CTAs per head holding its K
     and V in shared memory: up to kernels.RESIDENT_MAX_KEYS keys), "ticket" (CUDA, two phases) or
     "triton". QUANTATTN_HOPPER_RESIDENT=0 turns the resident one off; a GPU that cannot run its cluster
     of CTAs gets the ticketed one instead."""
     if native_preprocess_reason(k, v, seqs, cfg) is not None:
         return "triton"
-    if os.environ.get("QUANTATTN_HOPPER_RESIDENT", "1") != "0" and k.shape[2] <= kernels.RESIDENT_MAX_KEYS:
+    if settings.current.hopper_resident and k.shape[2] <= kernels.RESIDENT_MAX_KEYS:
         return "resident"
     return "ticket"
 
 
-def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences | None = None) -> L.QuantizedKV:
+def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences | None = None) -> QuantizedKV:
     """K and V (HND views) smoothed and quantized in the Hopper kernel's layout: by a CUDA preprocessing
     where it can read them, else by the Triton one (the same buffers; the values differ only by rounding:
     tests/gpu/test_hopper_preprocess_gpu.py)."""
-    seqs = seqs or L.sequences(k, None, 0)
+    seqs = seqs or sequences(k, None, 0)
     path = preprocess_path(k, v, seqs, cfg)
     if path == "triton":
-        return L.preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
+        from quantattn.kernels.launch import preprocess_kv  # Triton's preprocessing, in the Hopper layout
+
+        return preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
     if path == "resident":
         kv = _preprocess_resident(k, v, cfg, seqs)
         if kv is not None:
             return kv
-    buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, max_chunks=MAX_CHUNKS, lag_chunks=LAG_CHUNKS)
+    buf = kv_buffers(k, v, cfg, seqs, wgmma_order=True, max_chunks=MAX_CHUNKS, lag_chunks=LAG_CHUNKS)
     if buf.sync is not None:
         b, h, n, d = k.shape
         p = _preprocess_params(k, v, buf)
@@ -121,7 +120,7 @@ def _stream(t: torch.Tensor) -> int:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda i: torch.cuda.current_stream(i).cuda_stream)
 
 
-def _preprocess_params(k: torch.Tensor, v: torch.Tensor, buf: L.KVBuffers) -> kernels.PreprocessParams:
+def _preprocess_params(k: torch.Tensor, v: torch.Tensor, buf: KVBuffers) -> kernels.PreprocessParams:
     """What both CUDA preprocessings read and write (the ticketed one adds its chunking and scratch)."""
     b, h, n, _ = k.shape
     p = kernels.PreprocessParams()
@@ -134,17 +133,17 @@ def _preprocess_params(k: torch.Tensor, v: torch.Tensor, buf: L.KVBuffers) -> ke
     return p
 
 
-def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: L.Sequences) -> L.QuantizedKV | None:
+def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences) -> QuantizedKV | None:
     """None when the GPU cannot run the cluster this length needs (nothing was launched)."""
     b, h, n, d = k.shape
     spec = kernels.preprocess_spec(d, kernels.ELEMENT[_dtype_name(k)], cfg.smooth_k, resident=True)
-    cluster = -(-n // kernels.RESIDENT_KEYS)
+    cluster = cdiv(n, kernels.RESIDENT_KEYS)
     device = _device_index(k)
     if b * h and n:
         driver.ensure_context(device)
         if not kernels.cluster_fits(spec, device, cluster):
             return None
-    buf = L.kv_buffers(k, v, cfg, seqs, wgmma_order=True, scratch=False)
+    buf = kv_buffers(k, v, cfg, seqs, wgmma_order=True, scratch=False)
     if b * h and n:
         p = _preprocess_params(k, v, buf)
         driver.launch_cluster(
@@ -156,7 +155,7 @@ def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seq
 
 def attention(
     q: torch.Tensor,
-    kv: L.QuantizedKV,
+    kv: QuantizedKV,
     is_causal: bool,
     sm_scale: float,
     out: torch.Tensor,
@@ -189,14 +188,14 @@ def attention(
     spec = kernels.attention_spec(d, is_causal, kernels.ELEMENT[_dtype_name(q)], per_thread)
     device = _device_index(q)
     driver.ensure_context(device)
-    grid = (-(-nq // kernels.ATTENTION_BLOCK_M), b * hq, 1)
+    grid = (cdiv(nq, kernels.ATTENTION_BLOCK_M), b * hq, 1)
     driver.launch(kernels.load(spec, device), grid, kernels.ATTENTION_THREADS, spec.shared_bytes, _stream(q), p)
 
 
 _MAPS = {name: getattr(kernels.AttentionParams, name).offset for name in ("tm_k", "tm_v", "tm_ks")}
 
 
-def _encode_kv_maps(p: kernels.AttentionParams, kv: L.QuantizedKV, bhkv: int, nk: int, d: int) -> None:
+def _encode_kv_maps(p: kernels.AttentionParams, kv: QuantizedKV, bhkv: int, nk: int, d: int) -> None:
     """The TMA maps of INT8 K [B*Hkv][Nk][d], FP8 V^T [B*Hkv][d][n_pad] and the key scales [B*Hkv][Nk],
     each loaded 128 keys at a time (the swizzles are the ones the kernel's wgmma descriptors assume)."""
     base = ctypes.addressof(p)

@@ -9,6 +9,7 @@ into Q's scale, and PV in FP8 or FP16/BF16 with the accumulator the config names
 import triton
 import triton.language as tl
 
+from quantattn import config as C
 from quantattn.kernels.common import (
     PER_TENSOR,
     cast,
@@ -35,8 +36,8 @@ MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)  # uint8 (a bool tensor's bytes): nonzero = the query attends to the key
 MASK_ADD = tl.constexpr(2)  # float, added to the scores sm_scale * q.k (natural-log units, like SDPA)
 
-LN2 = tl.constexpr(0.6931471805599453)
-LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(C.LN2)
+LOG2E = tl.constexpr(C.LOG2E)
 
 
 @triton.jit

@@ -6,16 +6,13 @@ row statistics lse2 and delta: 8 bytes per query and head), and nothing of size 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from quantattn import settings
+from quantattn.calls import cdiv, grid_parts, head_dim_pad
+from quantattn.config import LOG2E
 from quantattn.kernels.backward import attention_bwd_dkdv_kernel, attention_bwd_rows_kernel
-from quantattn.kernels.launch import CachedLaunch, cdiv, exact_casts, head_dim_pad
-from quantattn.reference.attention import LOG2E
-
-# CUDA's limit on the second grid dimension, where the (batch, head) pairs go
-MAX_GRID_Y = 65535
+from quantattn.kernels.launch import CachedLaunch, exact_casts
 
 launch_rows = CachedLaunch(attention_bwd_rows_kernel)
 launch_dkdv = CachedLaunch(attention_bwd_dkdv_kernel)
@@ -27,9 +24,8 @@ def backward_tile_config(d_pad: int, on_gpu: bool) -> tuple[int, int, int, int]:
     The dK/dV program holds K, V and two FP32 accumulators of BLOCK_N x d_pad in registers, so the tiles
     shrink as head_dim grows. Not tuned on hardware yet; QUANTATTN_BWD_TILE="BM,BN,warps,stages" overrides it
     (BM and BN at least 16, powers of two)."""
-    if os.environ.get("QUANTATTN_BWD_TILE"):
-        bm, bn, warps, stages = (int(x) for x in os.environ["QUANTATTN_BWD_TILE"].split(","))
-        return bm, bn, warps, stages
+    if settings.current.bwd_tile is not None:
+        return settings.current.bwd_tile
     if not on_gpu:
         return 32, 32, 4, 1
     if d_pad <= 64:
@@ -71,10 +67,10 @@ def attention_backward(
         for t in (dq, dk, dv):
             t.zero_()
         return
-    if b * hq > MAX_GRID_Y:  # batches are independent: launch them in parts
-        step = max(1, MAX_GRID_Y // hq)
-        for s in range(0, b, step):
-            sl = slice(s, s + step)
+    runs = grid_parts(b, hq)
+    if len(runs) > 1:  # batches are independent: launch them in parts
+        for s, e in runs:
+            sl = slice(s, e)
             glse = grad_lse[sl] if grad_lse is not None else None
             attention_backward(q[sl], k[sl], v[sl], grad_out[sl], is_causal, sm_scale, dq[sl], dk[sl], dv[sl],
                                glse, tile)  # fmt: skip

@@ -15,6 +15,7 @@ the program writes the output; otherwise it writes float32 partials (acc, m, l) 
 import triton
 import triton.language as tl
 
+from quantattn import config as C
 from quantattn.kernels.common import (
     AMAX_FLOOR,
     cast,
@@ -25,7 +26,7 @@ from quantattn.kernels.common import (
     to_fp8_e4m3,
 )
 
-LN2 = tl.constexpr(0.6931471805599453)
+LN2 = tl.constexpr(C.LN2)
 
 
 @triton.jit

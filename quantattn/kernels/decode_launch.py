@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from quantattn.config import QuantConfig
+from quantattn.calls import cdiv, head_dim_pad, next_power_of_2
+from quantattn.config import LOG2E, QuantConfig
 from quantattn.kernels.decode import append_kv_kernel, decode_attention_kernel, decode_merge_kernel
-from quantattn.kernels.launch import CachedLaunch, cdiv, exact_casts, head_dim_pad, next_power_of_2
-from quantattn.reference.attention import LOG2E
+from quantattn.kernels.launch import CachedLaunch, exact_casts
 from quantattn.reference.decode import (
     MAX_ROWS_PER_PROGRAM,
     V_BLOCK,

@@ -1,31 +1,39 @@
 """Launchers: buffers, grids and constexpr flags for the Triton kernels. No numerics live here.
 
-quantattn/memory.py states the bytes these launchers allocate per call (preprocess_kv, token_stats,
-_smooth_q_terms, sequences): a buffer added or resized here must change there too (a GPU test holds the
+The K/V buffers are laid out by quantattn.calls.kv_buffer_layout, which quantattn/memory.py reads too;
+memory.py also states the bytes of token_stats and _smooth_q_terms below (a GPU test holds the
 allocator's peak to it)."""
 
 from __future__ import annotations
 
-import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 import triton
 
 from quantattn import config as C
-from quantattn.config import QuantConfig
+from quantattn import settings
+from quantattn.calls import (  # noqa: F401  Sequences, sequences, KVBuffers: names tools and tests reach here
+    LAG_CHUNKS,
+    MAX_CHUNKS,
+    PV_TORCH_DTYPE,
+    QUANT_BLOCK,
+    KVBuffers,
+    QuantizedKV,
+    Sequences,
+    Stats,
+    cdiv,
+    head_dim_pad,
+    kv_buffers,
+    next_power_of_2,
+    sequences,
+)
+from quantattn.config import LOG2E, QuantConfig
 from quantattn.kernels import attention as A
 from quantattn.kernels.attention import sage_attention_kernel
-from quantattn.kernels.quant import PARTIAL_ROWS, preprocess_kv_kernel, token_stats_kernel
-from quantattn.reference.attention import LOG2E
+from quantattn.kernels.quant import preprocess_kv_kernel, token_stats_kernel
 
-QUANT_BLOCK = C.K_BLOCK_KEYS  # keys per quantization block (per-thread K groups live in 64 keys)
 STATS_BLOCK = 64
-# K/V preprocessing (preprocess_kv_kernel): at most MAX_CHUNKS programs per (sequence, head), and
-# about LAG_CHUNKS chunks between a chunk's statistics and its quantization
-MAX_CHUNKS = 16
-LAG_CHUNKS = 512
 PREPROCESS_WARPS = 4
 GRAN_CODE = {name: i for i, name in enumerate(C.QK_GRANULARITIES)}
 PV_MODE = {
@@ -36,25 +44,11 @@ PV_MODE = {
     ("fp16", "fp16+fp32"): A.PV_F16_ACC16.value,
     ("bf16", "fp32"): A.PV_F16_ACC32.value,
 }
-PV_TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def exact_casts(device: torch.device) -> bool:
     """Round to E4M3 in integer arithmetic before the cast: needed under the interpreter (see common.py)."""
-    return device.type == "cpu" or os.environ.get("QUANTATTN_EXACT_CASTS", "0") == "1"
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def head_dim_pad(d: int) -> int:
-    # plain Python: triton.next_power_of_2 is a JIT function, ~5 us per host call
-    return max(32, next_power_of_2(d))
+    return device.type == "cpu" or settings.current.exact_casts
 
 
 MIN_SLAB = 32  # the narrowest channel slab the attention kernel splits off (an INT8 MMA's K is 32)
@@ -66,7 +60,7 @@ def head_dim_slabs(d: int) -> tuple[int, int]:
     (80 -> 64 + 32 instead of 128, 160 -> 128 + 32 instead of 256). QUANTATTN_SPLIT_HEAD_DIM=0 keeps one slab."""
     padded = head_dim_pad(d)
     main = padded // 2
-    if d <= main or os.environ.get("QUANTATTN_SPLIT_HEAD_DIM", "1") == "0":
+    if d <= main or not settings.current.split_head_dim:
         return padded, 0
     tail = max(MIN_SLAB, next_power_of_2(d - main))
     return (main, tail) if main + tail < padded else (padded, 0)
@@ -111,7 +105,7 @@ class CachedLaunch:
         return args[0].device.index, spec, tuple(constexprs.values()), num_warps, num_stages
 
     def __call__(self, grid, args, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
-        direct = os.environ.get("QUANTATTN_DIRECT_LAUNCH", "1") != "0" and args[0].is_cuda
+        direct = settings.current.direct_launch and args[0].is_cuda
         if direct:
             key = self.signature(args, constexprs, num_warps, num_stages)
             hit = self.compiled.get(key)
@@ -138,42 +132,6 @@ def _no_launch_hooks() -> bool:
 launch_token_stats = CachedLaunch(token_stats_kernel)
 launch_preprocess_kv = CachedLaunch(preprocess_kv_kernel)
 launch_attention = CachedLaunch(sage_attention_kernel)
-
-
-@dataclass
-class Sequences:
-    """How the rows of an HND view split into sequences: dense batches, or packed varlen ones."""
-
-    count: int
-    n_dense: int  # sequence length of a dense call; 0 for varlen
-    max_len: int
-    cu_seqlens: torch.Tensor | None
-    lengths: torch.Tensor | None = None  # dense calls: int32 [B] valid rows per batch entry (key padding)
-
-    @property
-    def is_varlen(self) -> bool:
-        return self.cu_seqlens is not None
-
-    @property
-    def has_lengths(self) -> bool:
-        return self.lengths is not None
-
-
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, max, min [S, H, d]
-
-
-@dataclass
-class QuantizedKV:
-    """K and V after preprocessing, ready for the attention kernel (reusable across queries)."""
-
-    k: torch.Tensor  # int8 [B, Hkv, N, d]
-    k_scale: torch.Tensor  # float32 [B, Hkv, N] (NaN for keys with a non-finite element)
-    v: torch.Tensor  # FP8 [B, Hkv, d, N_pad] / smoothed V in the PV dtype / the caller's V
-    v_transposed: bool
-    k_stats: Stats  # K's trimmed mean (smooth K's vector: reference.quant.smoothing_vector_k), max, min
-    v_stats: Stats
-    cfg: QuantConfig
-    seqs: Sequences
 
 
 def token_stats(seqs: Sequences, x: torch.Tensor, y: torch.Tensor | None = None) -> list[Stats]:
@@ -205,77 +163,6 @@ def _cu(seqs: Sequences, like: torch.Tensor) -> torch.Tensor:
 def _check_strides(x: torch.Tensor) -> torch.Tensor:
     """The kernels read rows with arbitrary strides but want the channel stride 1."""
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
-@dataclass
-class KVBuffers:
-    """What the K/V preprocessing writes, and its scratch: shared by the Triton launch below and the Hopper
-    backend's CUDA preprocessing (quantattn/hopper/launch.py), which take the same buffers."""
-
-    stats: torch.Tensor  # float32 [2, 3, S, H, d]: K's trimmed mean, max, min; V's mean, max, min
-    kq: torch.Tensor
-    k_scale: torch.Tensor
-    vq: torch.Tensor
-    v_mode: int  # 0: V as given, 1: FP8 V^T, 2: smoothed V in the PV dtype
-    vq_strides: tuple
-    per_chunk: int = 0  # QUANT_BLOCK-key blocks per chunk of a (sequence, head)
-    n_chunks: int = 0
-    lag: int = 0  # heads between a chunk's statistics and its quantization
-    partials: torch.Tensor | None = None  # [heads, n_chunks, PARTIAL_ROWS, d_pad]
-    sync: torch.Tensor | None = None  # int32 [1 + heads], zeroed: the ticket counter, arrivals per head
-
-    def result(self, cfg: QuantConfig, seqs: Sequences) -> QuantizedKV:
-        rows = self.stats.flatten(0, 1).unbind(0)  # one unbind, not three: this is on every call's path
-        return QuantizedKV(self.kq, self.k_scale, self.vq, cfg.is_fp8_pv, rows[:3], rows[3:], cfg, seqs)
-
-
-def kv_buffers(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cfg: QuantConfig,
-    seqs: Sequences,
-    wgmma_order: bool,
-    max_chunks: int = MAX_CHUNKS,
-    lag_chunks: int = LAG_CHUNKS,
-    scratch: bool = True,
-) -> KVBuffers:
-    """The preprocessing's outputs and scratch for K and V (HND views), with at most max_chunks chunks per
-    (sequence, head) and about lag_chunks chunks between a chunk's statistics and its quantization; no
-    scratch when there is no work or scratch is False (the Hopper backend's resident preprocessing needs
-    none)."""
-    b, h, n, d = k.shape
-    heads = seqs.count * h
-    stats = torch.empty(2, 3, seqs.count, h, d, dtype=torch.float32, device=k.device)
-    kq = torch.empty(b, h, n, d, dtype=torch.int8, device=k.device)
-    if wgmma_order:
-        k_scale = torch.empty(b, h, cdiv(max(n, 1), 4) * 4, dtype=torch.float32, device=k.device)[:, :, :n]
-    else:
-        k_scale = torch.empty(b, h, n, dtype=torch.float32, device=k.device)
-    if cfg.is_fp8_pv:
-        # 16-byte aligned rows of the transposed V; whole 32-key chunks for the Hopper order
-        key_pad = 32 if wgmma_order else 16
-        n_pad = cdiv(max(n, 1), key_pad) * key_pad
-        vq = torch.empty(b, h, d, n_pad, dtype=torch.float8_e4m3fn, device=k.device)
-        v_mode, vq_strides = 1, (vq.stride(0), vq.stride(1), 1, vq.stride(2))
-    elif cfg.smooth_v:
-        vq = torch.empty(b, h, n, d, dtype=PV_TORCH_DTYPE[cfg.pv_dtype], device=k.device)
-        v_mode, vq_strides = 2, (vq.stride(0), vq.stride(1), vq.stride(2), 1)
-    else:
-        vq, v_mode, vq_strides = v, 0, (v.stride(0), v.stride(1), v.stride(2), 1)
-    buf = KVBuffers(stats, kq, k_scale, vq, v_mode, vq_strides)
-    if scratch and heads and seqs.max_len:
-        blocks = cdiv(seqs.max_len, QUANT_BLOCK)
-        buf.per_chunk = next_power_of_2(cdiv(blocks, max_chunks))  # a power of two: few compiled variants
-        buf.n_chunks = cdiv(blocks, buf.per_chunk)
-        buf.partials = torch.empty(
-            heads, buf.n_chunks, PARTIAL_ROWS.value, head_dim_pad(d), dtype=torch.float32, device=k.device
-        )
-        # zeroed per call (a memset, not a kernel): no state between calls, so concurrent streams,
-        # CUDA-graph replays and torch.compile's graph pools need no care
-        buf.sync = torch.zeros(heads + 1, dtype=torch.int32, device=k.device)
-        # heads between a chunk's statistics and its quantization: ~lag_chunks chunks in between
-        buf.lag = min(heads, max(1, lag_chunks // buf.n_chunks))
-    return buf
 
 
 def preprocess_kv(
@@ -371,7 +258,7 @@ def attention(
         # (compute-sanitizer: out-of-range shared memory access in the PV product), so one padded slab
         d_pad, d_tail = head_dim_pad(d), 0
     block_m, num_warps, num_stages = tile_config(d_pad + d_tail, cfg, q.is_cuda)
-    block_n = int(os.environ.get("QUANTATTN_BLOCK_N", cfg.kv_block))  # experiments only: changes the numerics
+    block_n = settings.current.experiment_kv_block or cfg.kv_block  # the experiment changes the numerics
     grid = (cdiv(seqs_q.max_len, block_m), seqs_q.count * hq)
     args = (
         q, q.stride(0), q.stride(1), q.stride(2),
@@ -412,9 +299,8 @@ def _mask_args(attn_mask: torch.Tensor | None, dummy: torch.Tensor) -> tuple[int
 
 def tile_config(d_pad: int, cfg: QuantConfig, on_gpu: bool) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, num_stages); QUANTATTN_TILE="BM,warps,stages" overrides it for tuning runs."""
-    if os.environ.get("QUANTATTN_TILE"):
-        bm, warps, stages = (int(x) for x in os.environ["QUANTATTN_TILE"].split(","))
-        return bm, warps, stages
+    if settings.current.tile is not None:
+        return settings.current.tile
     if not on_gpu:
         return 64, 4, 1
     if d_pad > 128:
@@ -428,12 +314,6 @@ def _triton_dtype(cfg: QuantConfig):
     import triton.language as tl
 
     return {"fp16": tl.float16, "bf16": tl.bfloat16}.get(cfg.pv_dtype, tl.float16)
-
-
-def sequences(call_tensor: torch.Tensor, cu_seqlens, max_seqlen: int, lengths=None) -> Sequences:
-    if cu_seqlens is None:
-        return Sequences(call_tensor.shape[0], call_tensor.shape[2], call_tensor.shape[2], None, lengths)
-    return Sequences(cu_seqlens.numel() - 1, 0, max_seqlen, cu_seqlens.to(torch.int32))
 
 
 INTERPRETER_FP8_PV_NOTE = (

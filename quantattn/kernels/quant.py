@@ -8,6 +8,7 @@ Sequences are addressed the same way in every kernel: program `seq` of a dense c
 import triton
 import triton.language as tl
 
+from quantattn import calls
 from quantattn.kernels.common import (
     PER_TENSOR,
     cast,
@@ -19,7 +20,7 @@ from quantattn.kernels.common import (
 )
 
 # rows of preprocess_kv_kernel's per-chunk partials: K sum, max, min; V sum, max, min; K finite count
-PARTIAL_ROWS = tl.constexpr(7)
+PARTIAL_ROWS = tl.constexpr(calls.PARTIAL_ROWS)
 K_COUNT_ROW = tl.constexpr(6)
 
 

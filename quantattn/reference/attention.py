@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from quantattn import config as C
-from quantattn.config import QuantConfig
+from quantattn.config import LN2, LOG2E, QuantConfig
 from quantattn.reference.quant import (
     finite_mean,
     quantize_int,
@@ -24,9 +24,6 @@ from quantattn.reference.quant import (
     saturating_cast,
     smoothing_vector_k,
 )
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @dataclass

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from quantattn.config import QuantConfig
-from quantattn.reference.attention import LN2, LOG2E, _pv_partial
+from quantattn.calls import cdiv
+from quantattn.config import LN2, LOG2E, QuantConfig
+from quantattn.reference.attention import _pv_partial
 from quantattn.reference.quant import (
     quantize_int,
     quantize_v_fp8,
@@ -42,10 +43,6 @@ MAX_DECODE_QUERIES = 16  # query tokens per call (LLM decoding, speculative deco
 TARGET_PROGRAMS = 4 * 132
 MIN_SPLIT_BLOCKS = 4  # at least 256 keys per split: shorter ones cost more in partials than they gain
 MAX_ROWS_PER_PROGRAM = 64  # packed query rows (GQA group x Nq) one program holds
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def packed_rows(hq: int, hkv: int, nq: int) -> int:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quantattn
-from quantattn import api
+from quantattn import api, backends
 from quantattn.backends import BACKENDS
 from quantattn.config import SAGE1, SAGE1_FP16ACC, SAGE2_4B, SAGE2PP, QuantConfig
 from quantattn.reference import smoothing_vector_k
@@ -45,7 +45,7 @@ def captured(monkeypatch):
 
 
 def test_cpu_warning_is_emitted_once(qa, monkeypatch):
-    monkeypatch.setattr(api, "_warned_cpu", False)
+    monkeypatch.setattr(backends, "_warned_cpu", False)
     q, k, v = qa.make_qkv(1, nq=16, d=16)
     with pytest.warns(UserWarning, match="CPU tensors run the pure-PyTorch reference") as record:
         quantattn.sageattn(q, k, v)

@@ -31,7 +31,7 @@ def test_ops_follow_the_protocol():
 
 def test_tops_is_ops_over_median_time():
     case = C.Case(128, False, 32768)
-    # BENCHMARK.md's anchor: cuDNN at 606 TOPS runs this shape in 4*4*32*32768^2*128 / 606e12 s = 116.1 ms
+    # an anchor measured on the H100: cuDNN at 606 TOPS runs this shape in 4*4*32*32768^2*128 / 606e12 s = 116.1 ms
     assert case.tops(116.1) == pytest.approx(606, rel=1e-3)
     assert C.Case(128, True, 32768).tops(116.1) == pytest.approx(303, rel=1e-3)
     assert C.Case(64, False, 1024, batch=1, heads=1).tops(1.0) == pytest.approx(4 * 1024**2 * 64 / 1e-3 / 1e12)

@@ -11,7 +11,7 @@ from quantattn.bench import cli
 from quantattn.bench import workloads as W
 
 
-def test_builtin_list_is_benchmark_mds():
+def test_builtin_list_is_the_real_models_shapes():
     shapes = {w.name: (w.batch, w.heads_q, w.heads_kv, w.seq_len, w.head_dim, w.causal) for w in W.BUILTIN}
     assert shapes == {
         "Flux 1024 px": (1, 24, 24, 4608, 128, False),

@@ -1,4 +1,4 @@
-"""Guards (issue #6, item 4): the inputs where low-bit attention breaks, each handled or routed.
+"""Guards: the inputs where low-bit attention breaks, each handled or routed.
 
 Every case runs through the public API (the reference backend on CPU tensors; the kernels through the
 Triton interpreter where marked) and is compared with FP64 attention. What each case is and what
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import quantattn
-from quantattn import guards
-from quantattn.backends import AttentionCall
+from quantattn import calls, guards
+from quantattn.calls import AttentionCall
 from quantattn.config import SAGE1, SAGE1_FP16ACC, SAGE2_4B, SAGE2PP, VARIANTS, QuantConfig
 from quantattn.reference import attention_fp64
 
@@ -345,7 +345,7 @@ def test_split_keeps_the_result(qa, monkeypatch):
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
     qp, kp, vp = q[0, :, :26].transpose(0, 1), k[0, :, :29].transpose(0, 1), v[0, :, :29].transpose(0, 1)
     packed = quantattn.sageattn_varlen(qp, kp, vp, cu_q, cu_k, 9, 11, True, None, True)
-    monkeypatch.setattr(guards, "MAX_GRID_Y", 8)
+    monkeypatch.setattr(calls, "MAX_GRID_Y", 8)
     assert len(guards.split(call_of(q, k, v, DEFAULT))) == 3
     for a, b in zip(whole, quantattn.sageattn(q, k, v, is_causal=True, return_lse=True), strict=True):
         assert torch.equal(a, b)
@@ -357,5 +357,5 @@ def test_split_keeps_the_result(qa, monkeypatch):
 def test_split_keeps_the_result_kernel(qa, monkeypatch):
     q, k, v = qa.make_qkv(seed_of("split-kernel"), b=3, hq=2, nq=40, nk=50, d=32, dtype=torch.bfloat16)
     whole = quantattn.sageattn(q, k, v, backend="triton")
-    monkeypatch.setattr(guards, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(calls, "MAX_GRID_Y", 2)
     assert torch.equal(whole, quantattn.sageattn(q, k, v, backend="triton"))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import quantattn as qa
+from quantattn import settings
 
 
 def hopper_module(name: str = "quantattn.hopper"):
@@ -37,6 +38,7 @@ def test_every_kernel_compiles_for_sm90a(tmp_path, monkeypatch):
     build = hopper_module("quantattn.hopper.build")
     kernels = hopper_module("quantattn.hopper.kernels")
     monkeypatch.setenv("QUANTATTN_CACHE", str(tmp_path))
+    settings.reload()  # quantattn reads the environment once
     built = dict(build.build_all(workers=2))
     assert set(built) == {spec.key for spec in kernels.all_specs()}
     folder = compiler.cache_dir()
@@ -61,6 +63,7 @@ def fake_compiler(tmp_path, monkeypatch):
     """compiler.cached_cubin with a stand-in for NVRTC (no library needed): counts compilations."""
     compiler = hopper_module("quantattn.hopper.compiler")
     monkeypatch.setenv("QUANTATTN_CACHE", str(tmp_path / "cache"))
+    settings.reload()  # quantattn reads the environment once
     monkeypatch.setattr(compiler, "nvrtc", lambda: type("S", (), {"version": (13, 0), "lib": object()})())
     calls = []
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import quantattn
-from quantattn import api
 from quantattn import backends as B
 from quantattn.backends import sdpa as S
 from quantattn.backends import speed_table as T
@@ -362,10 +361,10 @@ def test_unknown_backend_names_list_the_choices():
 
 @pytest.fixture
 def auto_is_sdpa(monkeypatch):
-    """api's dispatch answers AUTO_SDPA for backend="auto" (as on an H100 at a short length)."""
-    real = api.select_backend
+    """The dispatch answers AUTO_SDPA for backend="auto" (as on an H100 at a short length)."""
+    real = B.select_backend
     monkeypatch.setattr(
-        api, "select_backend", lambda call, requested: B.AUTO_SDPA if requested == "auto" else real(call, requested)
+        B, "select_backend", lambda call, requested: B.AUTO_SDPA if requested == "auto" else real(call, requested)
     )
 
 
@@ -403,7 +402,7 @@ def test_auto_sdpa_without_enable_gqa_repeats_the_heads(auto_is_sdpa, qa, monkey
 def test_the_measured_sdpa_backend_runs_alone_and_the_switches_come_back(qa, monkeypatch, only):
     """Whatever the switches allow on the CPU (where cuDNN does not run, torch's own choice takes the call),
     the result is torch SDPA's and the switches are as they were."""
-    monkeypatch.setattr(api, "select_backend", lambda call, requested: B.SDPA_BACKENDS[only])
+    monkeypatch.setattr(B, "select_backend", lambda call, requested: B.SDPA_BACKENDS[only])
     switches = [enabled() for enabled, _ in S._SWITCHES.values()]
     q, k, v = qa.make_qkv(7, b=1, hq=4, hkv=2, nq=80, d=32, dtype=torch.bfloat16)
     out = quantattn.sageattn(q, k, v, is_causal=True, sm_scale=0.2)

@@ -1,4 +1,4 @@
-"""Issue #6 on the GPU: the guards on the Triton kernels (128K keys, 64-bit offsets, CUDA's grid limit,
+"""On the GPU: the guards on the Triton kernels (128K keys, 64-bit offsets, CUDA's grid limit,
 saturation, padded head_dims, huge dynamic range), the inspector and calibration on a larger randomly
 initialized model, and the ablation command.
 

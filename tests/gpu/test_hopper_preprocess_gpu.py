@@ -17,6 +17,7 @@ import torch
 from test_hopper_gpu import SKIP  # noqa: E402  (tests/gpu is on sys.path under pytest's default import mode)
 from test_kernels_gpu import make  # noqa: E402
 
+from quantattn import settings
 from quantattn.config import QuantConfig
 from quantattn.reference.quant import (
     finite_mean,
@@ -56,6 +57,7 @@ RESIDENT_MAX_KEYS = 2048  # the resident preprocessing takes heads up to this ma
 def cuda_path(request, monkeypatch):
     """Runs a test with the resident preprocessing allowed (it takes heads of <= 2K keys) and with it off."""
     monkeypatch.setenv("QUANTATTN_HOPPER_RESIDENT", "1" if request.param == "resident" else "0")
+    settings.reload()  # quantattn reads the environment once
     return request.param
 
 
@@ -207,8 +209,10 @@ def test_a_refused_cluster_falls_back_to_the_ticketed_kernel(monkeypatch):
     launch = hopper_launch()
     k, v = make(14, 2, 4, 1500, 128, outliers=True), make(15, 2, 4, 1500, 128)
     monkeypatch.setenv("QUANTATTN_HOPPER_RESIDENT", "0")
+    settings.reload()  # quantattn reads the environment once
     want = launch.preprocess(k, v, DEFAULT)
     monkeypatch.setenv("QUANTATTN_HOPPER_RESIDENT", "1")
+    settings.reload()  # quantattn reads the environment once
     calls = []
 
     def refuse(*args):

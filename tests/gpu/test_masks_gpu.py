@@ -1,4 +1,4 @@
-"""Issue #7 on the GPU: attention masks and key lengths in the kernels (FP8 and FP16 PV), and long
+"""On the GPU: attention masks and key lengths in the kernels (FP8 and FP16 PV), and long
 contexts (256K keys, memory that grows linearly).
 
 Kernel results are held to the reference variant they implement, as in test_kernels_gpu.py: within a

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 import quantattn as qa
+from quantattn import settings
 from quantattn.config import QuantConfig
 from quantattn.kernels.common import to_fp8_e4m3
 from quantattn.metrics import relative_l1 as rel_l1
@@ -241,6 +242,7 @@ def test_smooth_q_with_two_query_blocks_per_tile(monkeypatch):
     """A 128-row tile holds two smooth-Q blocks, each with its own correction row (the GPU's tile for
     FP16 PV); the interpreter's default tile holds one."""
     monkeypatch.setenv("QUANTATTN_TILE", "128,4,1")
+    settings.reload()  # quantattn reads the environment once
     cfg = QuantConfig(smooth_q=True, pv_dtype="fp16", pv_accum="fp32")
     q, k, v = make(33, 1, 2, 200, 64), make(34, 1, 2, 150, 64, outliers=True), make(35, 1, 2, 150, 64)
     out, ref = run_both(q, k, v, cfg, is_causal=True)
