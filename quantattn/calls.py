@@ -8,6 +8,7 @@ The lowest layer of the call path: it imports torch and quantattn.config only, s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,8 @@ class KVBufferLayout:
         return count * dtype.itemsize
 
 
+# one layout per signature: kv_buffers is on every call's path (callers only read the layout)
+@functools.lru_cache(maxsize=256)
 def kv_buffer_layout(
     b: int,
     h: int,
