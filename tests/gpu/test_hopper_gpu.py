@@ -181,14 +181,14 @@ def test_kernel_only_entry_points_used_by_the_benchmark():
     q, k, v = inputs(90, 2, 8, 2, 2000, 2000, 128)
     copies = [t.clone() for t in (q, k, v)]
     for causal in (False, True):
-        kv = launch.preprocess(k, v, DEFAULT)
+        kv = launch.hopper_preprocess(k, v, DEFAULT)
         out = torch.full_like(q, float("nan"))
         lse = torch.full((2, 8, 2000), float("nan"), device=DEV)
-        launch.attention(q, kv, causal, 128**-0.5, out, lse)
+        launch.hopper_attention(q, kv, causal, 128**-0.5, out, lse)
         assert torch.isfinite(out).all() and torch.isfinite(lse).all()
         want, want_lse = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="hopper")
         assert rel_l1(out, want) < 1e-4 and (lse - want_lse).abs().max() < 1e-4
-        launch.attention(q, kv, causal, 128**-0.5, out)  # lse=None
+        launch.hopper_attention(q, kv, causal, 128**-0.5, out)  # lse=None
         assert rel_l1(out, want) < 1e-4
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(copies, (q, k, v), strict=True))

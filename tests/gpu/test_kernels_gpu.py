@@ -176,10 +176,10 @@ def test_poisoned_output_is_fully_written_and_inputs_untouched():
     q, k, v = make(19, 2, 8, 3000, 128), make(20, 2, 8, 3000, 128), make(21, 2, 8, 3000, 128)
     copies = [t.clone() for t in (q, k, v)]
     for cfg in (QuantConfig(), QuantConfig(pv_dtype="fp16", pv_accum="fp32", smooth_v=True)):
-        kv = launch.preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
+        kv = launch.triton_preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
         out = torch.full_like(q, float("nan"))
         lse = torch.full((2, 8, 3000), float("nan"), device=DEV)
-        launch.attention(q, kv, True, 0.1, out, lse, launch.sequences(q, None, 0), k=k)
+        launch.triton_attention(q, kv, True, 0.1, out, lse, launch.sequences(q, None, 0), k=k)
         assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert all(torch.equal(a, b) for a, b in zip(copies, (q, k, v), strict=True))
 

@@ -28,10 +28,10 @@ def test_preprocess_wgmma_order_is_the_permuted_natural_layout(n, d):
     v = (torch.randn(2, 2, n, d, generator=g, device=DEV) + 3).bfloat16()  # pad zeros must not come from V
     cfg = QuantConfig()
     seqs = L.sequences(k, None, 0)
-    natural = L.preprocess_kv(k, v, cfg, seqs)
+    natural = L.triton_preprocess_kv(k, v, cfg, seqs)
     # poison: the Hopper buffers' padding must be written, not inherited from the allocator
     torch.empty(2 * 2 * d * 512, dtype=torch.uint8, device=DEV).fill_(0x7F)
-    hop = L.preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
+    hop = L.triton_preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
     assert torch.equal(hop.k, natural.k)
     assert torch.equal(hop.k_scale, natural.k_scale)
     assert hop.k_scale.stride(1) % 4 == 0 and hop.k_scale.stride(2) == 1

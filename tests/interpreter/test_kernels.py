@@ -183,10 +183,10 @@ def test_poisoned_output_is_fully_written():
 
     q, k, v = (make(s, 2, 2, 100, 64) for s in (19, 20, 21))
     cfg = QuantConfig()
-    kv = launch.preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
+    kv = launch.triton_preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
     out = torch.full_like(q, float("nan"))
     lse = torch.full((2, 2, 100), float("nan"))
-    launch.attention(q, kv, False, 0.125, out, lse, launch.sequences(q, None, 0), k=k)
+    launch.triton_attention(q, kv, False, 0.125, out, lse, launch.sequences(q, None, 0), k=k)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
@@ -262,9 +262,9 @@ def test_preprocessing_in_chunks_of_several_blocks(monkeypatch, varlen):
         seqs = launch.Sequences(2, 0, 230, cu)
     else:
         seqs = launch.sequences(k, None, 0)
-    whole = launch.preprocess_kv(k, v, cfg, seqs)
+    whole = launch.triton_preprocess_kv(k, v, cfg, seqs)
     monkeypatch.setattr(launch, "MAX_CHUNKS", 2)
-    chunked = launch.preprocess_kv(k, v, cfg, seqs)
+    chunked = launch.triton_preprocess_kv(k, v, cfg, seqs)
     for a, b in zip((*whole.k_stats, *whole.v_stats), (*chunked.k_stats, *chunked.v_stats), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert torch.equal(whole.k, chunked.k)
@@ -298,7 +298,7 @@ def test_smooth_k_vector_matches_reference(nk, keys):
 
     k = dominant_key(50 + nk, nk) if keys == "dominant key" else make(50 + nk, 1, 2, nk, 64, outliers=True)
     q, v = make(60, 1, 4, 40, 64), make(61, 1, 2, nk, 64)
-    kv = launch.preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
+    kv = launch.triton_preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
     torch.testing.assert_close(kv.k_stats[0][0], smoothing_vector_k(k[0]), rtol=1e-5, atol=1e-4)
     for cfg in (QuantConfig(), QuantConfig(smooth_q=True)):
         (out, lse), (ref, ref_lse) = run_both(q, k, v, cfg, return_lse=True)
@@ -322,7 +322,7 @@ def test_smooth_k_vector_with_non_finite_keys(monkeypatch):
     v = make(63, 1, 2, 200, 64)
     for chunks in (16, 2):  # one chunk per head, or the counts of two chunks added up
         monkeypatch.setattr(launch, "MAX_CHUNKS", chunks)
-        kv = launch.preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
+        kv = launch.triton_preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
         want = smoothing_vector_k(k[0])
         assert torch.equal(kv.k_stats[0][0, 0, :3], torch.zeros(3))  # channels with 0, 1, 2 finite values
         torch.testing.assert_close(kv.k_stats[0][0], want, rtol=1e-5, atol=1e-5)
