@@ -4,7 +4,7 @@ the statistics the kernels read, nothing that copies Q, K or V in their own prec
 The K/V buffers (`triton_preprocess_kv`'s outputs and scratch) are computed from the layout the launchers
 allocate, quantattn.calls.kv_buffer_layout; the other buffers of quantattn/kernels/launch.py (`token_stats`'
 per-tensor Q statistics, `_smooth_q_terms`' temporaries, `sequences`' int32 offsets) are stated here,
-and tests/gpu/test_integrations_gpu.py checks the total against `torch.cuda.max_memory_allocated`.
+and tests/test_integrations_gpu.py checks the total against `torch.cuda.max_memory_allocated`.
 Each buffer counts as the CUDA caching allocator counts it: rounded up to 512 bytes.
 
 The Hopper backend (quantattn/hopper) allocates the same buffers with k_scale rows rounded up to 4 floats

@@ -78,7 +78,7 @@ def preprocess_path(k: torch.Tensor, v: torch.Tensor, seqs: Sequences, cfg: Quan
 def hopper_preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences | None = None) -> QuantizedKV:
     """K and V (HND views) smoothed and quantized in the Hopper kernel's layout: by a CUDA preprocessing
     where it can read them, else by the Triton one (the same buffers; the values differ only by rounding:
-    tests/gpu/test_hopper_preprocess_gpu.py)."""
+    tests/test_hopper_preprocess.py)."""
     seqs = seqs or sequences(k, None, 0)
     path = preprocess_path(k, v, seqs, cfg)
     if path == "triton":

@@ -319,7 +319,7 @@ def _triton_dtype(cfg: QuantConfig):
 INTERPRETER_FP8_PV_NOTE = (
     "quantattn: under the Triton interpreter, FP8 P.V products lose NaN and Inf (triton 3.6's interpreter "
     "decodes the E4M3 NaN as 480 inside tl.dot), so a NaN or Inf in V can come out finite here; the numbers "
-    "are otherwise the kernel's. NaN propagation is checked on the GPU (tests/gpu/test_kernels_gpu.py)."
+    "are otherwise the kernel's. NaN propagation is checked on the GPU (tests/test_kernels_gpu.py)."
 )
 _said_interpreter_fp8_pv = False
 

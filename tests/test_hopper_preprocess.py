@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from test_hopper_gpu import SKIP  # noqa: E402  (tests/gpu is on sys.path under pytest's default import mode)
+from test_hopper import SKIP  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)
 from test_kernels_gpu import make  # noqa: E402
 
 from quantattn import settings

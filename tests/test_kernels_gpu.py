@@ -8,10 +8,13 @@ group, scale, mask or accumulator gives.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import helpers
 import pytest
 import torch
+from helpers import GPU
 
 import quantattn as qa
 from quantattn import settings
@@ -19,10 +22,7 @@ from quantattn.config import QuantConfig
 from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64, round_to_fp8_e4m3
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
-]
+pytestmark = GPU
 
 KERNEL_VS_REFERENCE = 0.1
 DEV = "cuda"
@@ -32,12 +32,7 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
-def make(seed, *shape, dtype=torch.bfloat16, outliers=False):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    x = torch.randn(*shape, generator=g, device=DEV)
-    if outliers:
-        x = x + 4 * torch.randn(*shape[:-2], 1, shape[-1], generator=g, device=DEV)
-    return x.to(dtype)
+make = functools.partial(helpers.make, device=DEV)
 
 
 def outlier_inputs(seed, b, h, n, d):

@@ -1,6 +1,6 @@
 """quantattn.memory: the stated per-call memory against the buffers the launcher really allocates (K/V
 preprocessing through the Triton interpreter on CPU). The whole-call peak is measured on the GPU
-(tests/gpu/test_integrations_gpu.py)."""
+(tests/test_integrations_gpu.py)."""
 
 from __future__ import annotations
 

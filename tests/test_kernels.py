@@ -9,13 +9,13 @@ using any other group, scale or accumulator would exceed by far (test_bound_is_t
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import pytest
 import torch
 import triton
 import triton.language as tl
+from helpers import INTERPRETER, make
 
 import quantattn as qa
 from quantattn import settings
@@ -24,23 +24,9 @@ from quantattn.kernels.common import to_fp8_e4m3
 from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64, round_to_fp8_e4m3, smoothing_vector_k
 
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-        reason="interpreter tests run on machines without a GPU (tests/gpu covers the GPU)",
-    ),
-]
+pytestmark = INTERPRETER
 
 KERNEL_VS_REFERENCE = 0.05  # fraction of the reference's error against FP64
-
-
-def make(seed, *shape, dtype=torch.bfloat16, outliers=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
-    if outliers:
-        x = x + 4 * torch.randn(*shape[:-2], 1, shape[-1], generator=g)
-    return x.to(dtype)
 
 
 def run_both(q, k, v, cfg, **kw):
@@ -160,7 +146,7 @@ def test_a_non_finite_v_element_reaches_its_channel_with_16_bit_pv(cfg, bad):
 
 def test_fp8_pv_under_the_interpreter_says_what_it_cannot_check(monkeypatch):
     """FP8 P.V loses NaN/Inf in the interpreter's tl.dot: the call says so (once), and the GPU suite
-    (tests/gpu/test_kernels_gpu.py::test_a_non_finite_v_element_reaches_its_channel) checks it instead."""
+    (tests/test_kernels_gpu.py::test_a_non_finite_v_element_reaches_its_channel) checks it instead."""
     from quantattn.kernels import launch
 
     monkeypatch.setattr(launch, "_said_interpreter_fp8_pv", False)
