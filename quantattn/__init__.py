@@ -1,7 +1,5 @@
 """quantattn: quantized attention (SageAttention 1, 2 and 2++) for PyTorch."""
 
-from quantattn.accuracy.calibration import calibrate, load_plan
-from quantattn.accuracy.inspector import inspect_attention
 from quantattn.api import (
     default_config,
     sageattn,
@@ -40,3 +38,25 @@ __all__ = [
     "sdpa",
     "unpatch",
 ]
+
+# The accuracy tools load on first use (quantattn.calibrate, from quantattn import load_plan, ...), so that
+# `import quantattn` does not import the tools layer's accuracy package.
+_LAZY = {
+    "calibrate": "quantattn.accuracy.calibration",
+    "load_plan": "quantattn.accuracy.calibration",
+    "inspect_attention": "quantattn.accuracy.inspector",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'quantattn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -26,7 +26,7 @@ from quantattn.config import QuantConfig
 
 
 @dataclass(frozen=True)
-class Route:
+class NumericsRoute:
     name: str
     why: str
     applies: Callable[[torch.dtype, QuantConfig], bool]
@@ -34,7 +34,7 @@ class Route:
 
 
 ROUTES = (
-    Route(
+    NumericsRoute(
         "bf16 inputs, FP16 PV -> BF16 PV",
         "V from bfloat16 inputs may lie outside float16's range (|V| > 65504 becomes Inf, |V| < 6e-8 becomes "
         "0): BF16 PV has the input's range, runs at the same tensor-core rate, and P keeps 8 bits, twice "
@@ -95,4 +95,4 @@ def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return t[rows] if t is not None else None
 
 
-__all__ = ["MAX_GRID_Y", "ROUTES", "Route", "explain", "route", "routed_config", "split"]
+__all__ = ["MAX_GRID_Y", "ROUTES", "NumericsRoute", "explain", "route", "routed_config", "split"]

@@ -1,10 +1,10 @@
 """How much GPU memory one quantattn call allocates besides its output: the quantized K/V buffers and
 the statistics the kernels read, nothing that copies Q, K or V in their own precision.
 
-The K/V buffers (`preprocess_kv`'s outputs and scratch) are computed from the layout the launchers
+The K/V buffers (`triton_preprocess_kv`'s outputs and scratch) are computed from the layout the launchers
 allocate, quantattn.calls.kv_buffer_layout; the other buffers of quantattn/kernels/launch.py (`token_stats`'
 per-tensor Q statistics, `_smooth_q_terms`' temporaries, `sequences`' int32 offsets) are stated here,
-and tests/gpu/test_integrations_gpu.py checks the total against `torch.cuda.max_memory_allocated`.
+and tests/test_integrations_gpu.py checks the total against `torch.cuda.max_memory_allocated`.
 Each buffer counts as the CUDA caching allocator counts it: rounded up to 512 bytes.
 
 The Hopper backend (quantattn/hopper) allocates the same buffers with k_scale rows rounded up to 4 floats
@@ -65,7 +65,7 @@ def buffers(
     if b * hq * nq * d == 0:
         return sizes  # nothing runs
 
-    # preprocess_kv: statistics (mean, max, min of K and V), INT8 K, its scales, the quantized V (absent
+    # triton_preprocess_kv: statistics (mean, max, min of K and V), INT8 K, its scales, the quantized V (absent
     # where the kernel reads V itself), the partial sums and the ticket counters (the Triton layout)
     layout = kv_buffer_layout(b, hkv, nk, d, seqs, max_len, config)
     for name in layout.allocations:
@@ -103,7 +103,7 @@ def extra_bytes(
         max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     kv = s["stats"] + s["k_int8"] + s["k_scale"] + s["v_quant"] + s["offsets"]
-    # the partial sums and counters are freed when preprocess_kv returns, before the attention kernel's extras
+    # the partial sums and counters are freed when triton_preprocess_kv returns, before the attention kernel's extras
     return max(kv + s["partials"] + s["sync"], kv + s["q_stats"] + s["smooth_q"])
 
 

@@ -13,12 +13,12 @@ Files:
   QUANTATTN_NVRTC                path of libnvrtc.so, where it is not found next to torch or in CUDA_HOME
 Implementation paths (same numerics specification; debugging and A/B runs):
   QUANTATTN_HOPPER_PREPROCESS=0  the Hopper backend preprocesses K/V with Triton's kernel (differs from the
-                                 CUDA one by rounding only: tests/gpu/test_hopper_preprocess_gpu.py)
+                                 CUDA one by rounding only: tests/test_hopper_preprocess.py)
   QUANTATTN_HOPPER_RESIDENT=0    no resident (cluster) CUDA preprocessing: the ticketed one for every length
   QUANTATTN_DIRECT_LAUNCH=0      every Triton launch goes through Triton's own front door (slower host path)
   QUANTATTN_EXACT_CASTS=1        FP8/BF16 rounding in integer arithmetic on the GPU too (same values, slower)
   QUANTATTN_SPLIT_HEAD_DIM=0     one padded channel slab instead of two for head dims like 80 or 160 (bit
-                                 for bit the same: tests/interpreter/test_head_dims.py)
+                                 for bit the same: tests/test_kernels_head_dims.py)
 Tuning (tile shapes; the numerics do not depend on them):
   QUANTATTN_TILE="BM,warps,stages"          the forward attention kernel's tile
   QUANTATTN_BWD_TILE="BM,BN,warps,stages"   the backward kernels' tile

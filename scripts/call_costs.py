@@ -98,12 +98,12 @@ def parts() -> None:
     from quantattn.hopper import driver, kernels, launch
 
     q, k, v = (torch.randn(*TINY, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    kv = launch.preprocess(k, v, QuantConfig())
+    kv = launch.hopper_preprocess(k, v, QuantConfig())
     out = torch.empty_like(q)
     steps = {
         "sageattn (whole)": lambda: quantattn.sageattn(q, k, v, backend="hopper"),
-        "launch.preprocess": lambda: launch.preprocess(k, v, QuantConfig()),
-        "launch.attention": lambda: launch.attention(q, kv, False, 0.1, out),
+        "launch.hopper_preprocess": lambda: launch.hopper_preprocess(k, v, QuantConfig()),
+        "launch.hopper_attention": lambda: launch.hopper_attention(q, kv, False, 0.1, out),
         "attention_spec": lambda: kernels.attention_spec(128, False, "bf16"),
         "AttentionParams()": kernels.AttentionParams,
         "ensure_context": lambda: driver.ensure_context(0),

@@ -94,15 +94,15 @@ def measure_length(d: int, n: int, causals: list[bool], with_prep: bool, b: int 
 
     cfg = QuantConfig()
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    kv = launch.preprocess(k, v, cfg)
+    kv = launch.hopper_preprocess(k, v, cfg)
     out = torch.empty_like(q)
     cells = []
     for causal in causals:
-        t = median_seconds(lambda: launch.attention(q, kv, causal, d**-0.5, out))
+        t = median_seconds(lambda: launch.hopper_attention(q, kv, causal, d**-0.5, out))
         ops = 4 * b * h * n * n * d / (2 if causal else 1)
         cells.append(f"d{d} {seq_label(n)}{'c' if causal else ''} {ops / t / 1e12:.0f}")
     if with_prep:
-        cells.append(f"d{d} prep {median_seconds(lambda: launch.preprocess(k, v, cfg)) * 1e6:.0f} us")
+        cells.append(f"d{d} prep {median_seconds(lambda: launch.hopper_preprocess(k, v, cfg)) * 1e6:.0f} us")
     return cells
 
 

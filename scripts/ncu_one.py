@@ -59,24 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel.startswith("hopper"):
         from quantattn.hopper import launch as HL
 
-        kv = HL.preprocess(k, v, cfg)
+        kv = HL.hopper_preprocess(k, v, cfg)
         torch.cuda.synchronize()
         for _ in range(args.launches):
             if args.kernel == "hopper":
-                HL.attention(q, kv, args.causal, d**-0.5, out)
+                HL.hopper_attention(q, kv, args.causal, d**-0.5, out)
             else:
-                HL.preprocess(k, v, cfg)
+                HL.hopper_preprocess(k, v, cfg)
     else:
         from quantattn.kernels import launch as L
 
         seqs_k, seqs_q = L.sequences(k, None, 0), L.sequences(q, None, 0)
-        kv = L.preprocess_kv(k, v, cfg, seqs_k)
+        kv = L.triton_preprocess_kv(k, v, cfg, seqs_k)
         torch.cuda.synchronize()
         for _ in range(args.launches):
             if args.kernel == "triton":
-                compiled = L.attention(q, kv, args.causal, d**-0.5, out, None, seqs_q, k=k)
+                compiled = L.triton_attention(q, kv, args.causal, d**-0.5, out, None, seqs_q, k=k)
             else:
-                L.preprocess_kv(k, v, cfg, seqs_k)
+                L.triton_preprocess_kv(k, v, cfg, seqs_k)
         if args.kernel == "triton":
             print(f"attention kernel: {compiled.n_regs} registers, {compiled.n_spills} spills")
     torch.cuda.synchronize()

@@ -6,7 +6,8 @@ operands in the same way (`fake_quant_attention`), plus twice the error of merel
 output to the output dtype. The tolerance then comes from arithmetic, not from a guess.
 
 Test modules reach the helpers through the session fixture `qa` (`qa.make_qkv(...)`,
-`qa.assert_accurate(...)`), which works under every pytest import mode.
+`qa.assert_accurate(...)`), which works under every pytest import mode. The machine markers as decorators
+and the seeded input makers that several test modules share are in helpers.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The tests check quantattn's numerics: backend="auto" must not hand small GPU calls to torch's SDPA by
-# the speed table (tests/cpu/test_speed_table.py and tests/gpu/test_speed_table_gpu.py turn it back on).
+# the speed table (tests/test_speed_table.py turns it back on).
 os.environ.setdefault("QUANTATTN_AUTO_SDPA", "0")
 
 import contextlib  # noqa: E402

@@ -74,12 +74,12 @@ def quantattn_impl(name: str, cfg: QuantConfig) -> Implementation:
     def prepare_kernel(q, k, v, causal):
         from quantattn.kernels import launch
 
-        kv = launch.preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
+        kv = launch.triton_preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
         out = torch.empty_like(q)
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
 
         def kernel(q, kv, out, k):
-            launch.attention(q, kv, causal, sm_scale, out, None, launch.sequences(q, None, 0), k=k)
+            launch.triton_attention(q, kv, causal, sm_scale, out, None, launch.sequences(q, None, 0), k=k)
             return out
 
         return kernel, (q, kv, out, k)
@@ -104,7 +104,7 @@ def hopper_unavailable(device: str = "cuda") -> str | None:
 
 def hopper_impl(device: str = "cuda") -> Implementation:
     """The default variant on the native sm_90 kernel: the whole call with backend="hopper", and the kernel
-    alone on K/V quantized by quantattn.hopper.launch.preprocess (in the layout the kernel reads)."""
+    alone on K/V quantized by quantattn.hopper.launch.hopper_preprocess (in the layout the kernel reads)."""
     import quantattn
 
     cfg = VARIANTS[HOPPER_VARIANT]
@@ -122,12 +122,12 @@ def hopper_impl(device: str = "cuda") -> Implementation:
         return quantattn.sageattn(q, k, v, tensor_layout="HND", is_causal=causal, config=cfg, backend="hopper")
 
     def prepare_kernel(q, k, v, causal):
-        kv = launch.preprocess(k, v, cfg)
+        kv = launch.hopper_preprocess(k, v, cfg)
         out = torch.empty_like(q)
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
 
         def kernel(q, kv, out):
-            launch.attention(q, kv, causal, sm_scale, out)
+            launch.hopper_attention(q, kv, causal, sm_scale, out)
             return out
 
         return kernel, (q, kv, out)

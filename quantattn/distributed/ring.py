@@ -6,7 +6,7 @@ so the transfer overlaps the computation. Partials merge exactly with their logs
 
 Numerics: each partial is one quantattn call on one K/V block, so smooth K subtracts the block's (trimmed) mean and
 V's FP8 scales are the block's, not the whole sequence's. The merged result is attention of the same
-operands, quantized per block: not bitwise a single call's, as accurate (tests/cpu/test_distributed.py
+operands, quantized per block: not bitwise a single call's, as accurate (tests/test_distributed.py
 bounds it by the single call's own error against FP64 attention). The partial outputs come back in the
 input dtype and are merged in float32.
 

@@ -2,7 +2,7 @@
 compiled on first use (quantattn/hopper/compiler.py) and launched through the driver (driver.py).
 
 The parameter structs mirror `Params` in attention.cu and preprocess.cu field for field (natural
-alignment on both sides; tests/gpu/test_hopper_gpu.py round-trips every field through the GPU).
+alignment on both sides; tests/test_hopper.py round-trips every field through the GPU).
 Shared-memory sizes are the kernels' own formulas, which the sources static_assert.
 """
 

@@ -75,16 +75,16 @@ def preprocess_path(k: torch.Tensor, v: torch.Tensor, seqs: Sequences, cfg: Quan
     return "ticket"
 
 
-def preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences | None = None) -> QuantizedKV:
+def hopper_preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences | None = None) -> QuantizedKV:
     """K and V (HND views) smoothed and quantized in the Hopper kernel's layout: by a CUDA preprocessing
     where it can read them, else by the Triton one (the same buffers; the values differ only by rounding:
-    tests/gpu/test_hopper_preprocess_gpu.py)."""
+    tests/test_hopper_preprocess.py)."""
     seqs = seqs or sequences(k, None, 0)
     path = preprocess_path(k, v, seqs, cfg)
     if path == "triton":
-        from quantattn.kernels.launch import preprocess_kv  # Triton's preprocessing, in the Hopper layout
+        from quantattn.kernels.launch import triton_preprocess_kv  # Triton's preprocessing, in the Hopper layout
 
-        return preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
+        return triton_preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
     if path == "resident":
         kv = _preprocess_resident(k, v, cfg, seqs)
         if kv is not None:
@@ -153,7 +153,7 @@ def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seq
     return buf.result(cfg, seqs)
 
 
-def attention(
+def hopper_attention(
     q: torch.Tensor,
     kv: QuantizedKV,
     is_causal: bool,
@@ -219,5 +219,5 @@ def forward(call) -> None:
     if dev.index is not None and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
             return forward(call)
-    kv = preprocess(call.k, call.v, call.cfg)
-    attention(call.q, kv, call.is_causal, call.sm_scale, call.out, call.lse)
+    kv = hopper_preprocess(call.k, call.v, call.cfg)
+    hopper_attention(call.q, kv, call.is_causal, call.sm_scale, call.out, call.lse)

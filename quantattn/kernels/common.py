@@ -51,7 +51,7 @@ def round_to_e4m3_grid(x):
     Casting the result to tl.float8e4nv is then exact everywhere. The Triton interpreter's own
     float32 -> float8e4nv cast rounds wrongly where rounding carries into the exponent (1.9507 -> 1.0),
     so the kernels round with this helper when EXACT_CASTS is set; on the GPU the hardware cast
-    (cvt.rn.satfinite) gives the same values, which tests/gpu checks.
+    (cvt.rn.satfinite) gives the same values, which the gpu tests check (tests/test_kernels_gpu.py).
     """
     a = tl.abs(x)
     bits = a.to(tl.int32, bitcast=True)

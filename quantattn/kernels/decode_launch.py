@@ -110,7 +110,7 @@ def reference_rows_in_fp32(q: torch.Tensor, hkv: int, cfg: QuantConfig) -> bool:
     return pv_accumulates_in_fp32(row_block(packed_rows(q.shape[1], hkv, q.shape[2]), cfg, q.is_cuda), q.device)
 
 
-def tile_config(d_pad: int, block_m: int, on_gpu: bool) -> tuple[int, int]:
+def decode_tile_config(d_pad: int, block_m: int, on_gpu: bool) -> tuple[int, int]:
     """(num_warps, num_stages) of the decode kernel. 64-row tiles take eight warps (two warpgroups
     splitting the tile's columns) because ptxas spills them at four (2020 bytes at d = 128 against 56 at
     eight; sm_90a, triton 3.6); 16-row tiles fit four."""
@@ -151,7 +151,7 @@ def decode_attention(
         part_ml = torch.empty(programs, block_m, n_splits, 2, dtype=torch.float32, device=dev)
     lse_args = (lse, lse.stride(0), lse.stride(1)) if lse is not None else (buf.k_scale, 0, 0)
     exact = exact_casts(dev)
-    num_warps, num_stages = tile_config(d_pad, block_m, q.is_cuda)
+    num_warps, num_stages = decode_tile_config(d_pad, block_m, q.is_cuda)
     args = (
         q, q.stride(0), q.stride(1), q.stride(2),
         buf.k, buf.k.stride(0), buf.k.stride(1), buf.k.stride(2),

@@ -165,7 +165,7 @@ def _check_strides(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def preprocess_kv(
+def triton_preprocess_kv(
     k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences, wgmma_order: bool = False
 ) -> QuantizedKV:
     """Smooth and quantize K (and V, for FP8 PV or smooth V) in one launch.
@@ -218,7 +218,7 @@ def _smooth_q_terms(q: torch.Tensor, kv: QuantizedKV, k: torch.Tensor, qk_scale:
     return means, (delta * qk_scale).view(b, hq, nb, -1).contiguous()
 
 
-def attention(
+def triton_attention(
     q: torch.Tensor,
     kv: QuantizedKV,
     is_causal: bool,
@@ -257,7 +257,7 @@ def attention(
         # V converted in the kernel (bf16 V, FP16 PV) with two slabs: Triton 3.6 miscompiles it on sm_90
         # (compute-sanitizer: out-of-range shared memory access in the PV product), so one padded slab
         d_pad, d_tail = head_dim_pad(d), 0
-    block_m, num_warps, num_stages = tile_config(d_pad + d_tail, cfg, q.is_cuda)
+    block_m, num_warps, num_stages = forward_tile_config(d_pad + d_tail, cfg, q.is_cuda)
     block_n = settings.current.experiment_kv_block or cfg.kv_block  # the experiment changes the numerics
     grid = (cdiv(seqs_q.max_len, block_m), seqs_q.count * hq)
     args = (
@@ -297,7 +297,7 @@ def _mask_args(attn_mask: torch.Tensor | None, dummy: torch.Tensor) -> tuple[int
     return mode, (attn_mask, *attn_mask.stride())
 
 
-def tile_config(d_pad: int, cfg: QuantConfig, on_gpu: bool) -> tuple[int, int, int]:
+def forward_tile_config(d_pad: int, cfg: QuantConfig, on_gpu: bool) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, num_stages); QUANTATTN_TILE="BM,warps,stages" overrides it for tuning runs."""
     if settings.current.tile is not None:
         return settings.current.tile
@@ -319,7 +319,7 @@ def _triton_dtype(cfg: QuantConfig):
 INTERPRETER_FP8_PV_NOTE = (
     "quantattn: under the Triton interpreter, FP8 P.V products lose NaN and Inf (triton 3.6's interpreter "
     "decodes the E4M3 NaN as 480 inside tl.dot), so a NaN or Inf in V can come out finite here; the numbers "
-    "are otherwise the kernel's. NaN propagation is checked on the GPU (tests/gpu/test_kernels_gpu.py)."
+    "are otherwise the kernel's. NaN propagation is checked on the GPU (tests/test_kernels_gpu.py)."
 )
 _said_interpreter_fp8_pv = False
 
@@ -341,5 +341,7 @@ def sage_forward(call) -> None:
             return sage_forward(call)
     seqs_k = sequences(call.k, call.cu_seqlens_k, call.max_seqlen_k, call.key_lengths)
     seqs_q = sequences(call.q, call.cu_seqlens_q, call.max_seqlen_q)
-    kv = preprocess_kv(call.k, call.v, call.cfg, seqs_k)
-    attention(call.q, kv, call.is_causal, call.sm_scale, call.out, call.lse, seqs_q, k=call.k, attn_mask=call.attn_mask)
+    kv = triton_preprocess_kv(call.k, call.v, call.cfg, seqs_k)
+    triton_attention(
+        call.q, kv, call.is_causal, call.sm_scale, call.out, call.lse, seqs_q, k=call.k, attn_mask=call.attn_mask
+    )

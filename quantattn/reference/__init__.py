@@ -3,7 +3,7 @@
 from quantattn.reference.attention import (
     attention_fp64,
     attention_quantized,
-    preprocess_kv,
+    quantize_kv,
     quantize_q,
     sage_attention_reference,
     smooth_k,
@@ -24,7 +24,7 @@ __all__ = [
     "attention_fp64",
     "attention_quantized",
     "finite_trimmed_mean",
-    "preprocess_kv",
+    "quantize_kv",
     "quantize_int",
     "quantize_q",
     "quantize_v_fp8",

@@ -34,7 +34,7 @@ class QuantizedQ:
 
 
 @dataclass
-class QuantizedKV:
+class ReferenceKV:
     k: torch.Tensor  # integer values in float32 [B, Hkv, Nk, d]
     k_scale: torch.Tensor  # [B, Hkv, Nk]
     k_mean: torch.Tensor | None  # [B, Hkv, d] smooth K's vector: the trimmed token mean (smoothing_vector_k)
@@ -73,7 +73,7 @@ def expand_rows(x: torch.Tensor, rows: int, n: int) -> torch.Tensor:
     return x.repeat_interleave(rows, dim=-2)[..., :n, :]
 
 
-def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig) -> QuantizedKV:
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig) -> ReferenceKV:
     if cfg.smooth_k:
         k_s, k_mean = smooth_k(k)
     else:
@@ -88,10 +88,10 @@ def preprocess_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig) -> Quantiz
     else:
         pv_dtype = torch.float16 if cfg.pv_dtype == "fp16" else torch.bfloat16
         v_q, v_scale = v_s.to(pv_dtype).float(), None
-    return QuantizedKV(k_q, k_scale, k_mean, k_s, v_q, v_scale, v_mean)
+    return ReferenceKV(k_q, k_scale, k_mean, k_s, v_q, v_scale, v_mean)
 
 
-def quantize_q(q: torch.Tensor, kv: QuantizedKV, cfg: QuantConfig, sm_scale: float) -> QuantizedQ:
+def quantize_q(q: torch.Tensor, kv: ReferenceKV, cfg: QuantConfig, sm_scale: float) -> QuantizedQ:
     qk_scale = sm_scale * LOG2E
     q32 = q.float()
     delta_s = None
@@ -162,7 +162,7 @@ def _pv_partial(p: torch.Tensor, v: torch.Tensor, cfg: QuantConfig) -> torch.Ten
 
 def attention_quantized(
     q: QuantizedQ,
-    kv: QuantizedKV,
+    kv: ReferenceKV,
     cfg: QuantConfig,
     is_causal: bool,
     block_n: int | None = None,
@@ -246,7 +246,7 @@ def sage_attention_reference(
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     dtype = q.dtype
     q, k, v = (t.detach() for t in (q, k, v))
-    kv = preprocess_kv(k, v, cfg)
+    kv = quantize_kv(k, v, cfg)
     qq = quantize_q(q, kv, cfg, sm_scale)
     out, lse2 = attention_quantized(qq, kv, cfg, is_causal, block_n, attn_mask, causal_shift)
     out = saturating_cast(out, dtype)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "quantattn"
 # what pyproject.toml reads besides the package (the readme is the long description)
 PROJECT_FILES = ("pyproject.toml", "README.md")

@@ -3,7 +3,7 @@
 The 2-GPU tests start one process per GPU (quantattn.distributed.testing.LocalGroup, NCCL with NVLink
 multicast off: NCCL_NVLS_ENABLE=0) and skip where fewer than 2 GPUs are visible. The 1-GPU tests run the
 ring's per-block kernel calls and lse merges in one process, and every mode on a group of one rank.
-Bounds as in tests/cpu/test_distributed.py: Ulysses equals one call bit for bit; the ring's error
+Bounds as in tests/test_distributed.py: Ulysses equals one call bit for bit; the ring's error
 against FP64 attention is at most RING_VS_SINGLE times one call's plus twice the bfloat16 rounding of
 the FP64 output; with float64 local attention the ring is exact to 1e-12.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import helpers
 import pytest
 import torch
 
@@ -54,11 +55,7 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0"}
 
 
 def make(seed, b, h, n, d, dtype=torch.bfloat16, bias=0.0, device="cuda"):
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(b, h, n, d, generator=g, device=device)
-    if bias:
-        x = x + bias * torch.randn(b, h, 1, d, generator=g, device=device)
-    return x.to(dtype)
+    return helpers.make(seed, b, h, n, d, dtype=dtype, bias=bias, device=device)
 
 
 def inputs(seed, hq=8, hkv=None, n=8192, d=128, layout="HND", dtype=torch.bfloat16):

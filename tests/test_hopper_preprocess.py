@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from test_hopper_gpu import SKIP  # noqa: E402  (tests/gpu is on sys.path under pytest's default import mode)
+from test_hopper import SKIP  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)
 from test_kernels_gpu import make  # noqa: E402
 
 from quantattn import settings
@@ -92,7 +92,7 @@ def check(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig = DEFAULT):
     want = "resident" if resident_allowed and k.shape[2] <= RESIDENT_MAX_KEYS else "ticket"
     assert launch.preprocess_path(k, v, seqs, DEFAULT) == want
     copies = (k.clone(), v.clone())
-    kv = launch.preprocess(k, v, cfg)
+    kv = launch.hopper_preprocess(k, v, cfg)
     b, h, n, d = k.shape
     # statistics: maxima and minima exact, the means up to the order of the sums
     finite = torch.isfinite(k.float())
@@ -113,7 +113,7 @@ def check(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig = DEFAULT):
     assert same_values(kv.v.float(), vq), "FP8 V^T differs from the reference"
     # the Triton preprocessing computes the same up to rounding: its 127 / amax is not an IEEE division and
     # its means may differ in the last bit, so that about 0.1% of INT8 K differs by one (H100: 0.11-0.13%)
-    tri = L.preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
+    tri = L.triton_preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
     flips = (tri.k.float() - kv.k.float()).abs()
     assert flips.max() <= 1 and flips.gt(0).float().mean() < 1e-2
     torch.testing.assert_close(tri.k_scale, kv.k_scale, rtol=1e-5, atol=0, equal_nan=True)
@@ -168,8 +168,8 @@ def test_strided_views_use_it_and_misaligned_ones_fall_back(cuda_path):
     check(k, v)
     odd = big[:2, :4, 100:1000, 1:129]  # rows start 2 bytes past a 16-byte boundary
     assert launch.native_preprocess_reason(odd, v, L.sequences(odd, None, 0), DEFAULT) is not None
-    kv = launch.preprocess(odd, v, QuantConfig())
-    want = launch.preprocess(odd.contiguous(), v, QuantConfig())
+    kv = launch.hopper_preprocess(odd, v, QuantConfig())
+    want = launch.hopper_preprocess(odd.contiguous(), v, QuantConfig())
     flips = (kv.k.float() - want.k.float()).abs()  # Triton's preprocessing against the CUDA one
     assert flips.max() <= 1 and flips.gt(0).float().mean() < 1e-2
 
@@ -210,7 +210,7 @@ def test_a_refused_cluster_falls_back_to_the_ticketed_kernel(monkeypatch):
     k, v = make(14, 2, 4, 1500, 128, outliers=True), make(15, 2, 4, 1500, 128)
     monkeypatch.setenv("QUANTATTN_HOPPER_RESIDENT", "0")
     settings.reload()  # quantattn reads the environment once
-    want = launch.preprocess(k, v, DEFAULT)
+    want = launch.hopper_preprocess(k, v, DEFAULT)
     monkeypatch.setenv("QUANTATTN_HOPPER_RESIDENT", "1")
     settings.reload()  # quantattn reads the environment once
     calls = []
@@ -220,7 +220,7 @@ def test_a_refused_cluster_falls_back_to_the_ticketed_kernel(monkeypatch):
         return False
 
     monkeypatch.setattr(kernels, "cluster_fits", refuse)
-    got = launch.preprocess(k, v, DEFAULT)
+    got = launch.hopper_preprocess(k, v, DEFAULT)
     assert calls, "the resident kernel was not asked"
     assert torch.equal(got.k, want.k) and torch.equal(got.v.view(torch.uint8), want.v.view(torch.uint8))
     assert same_values(got.k_scale, want.k_scale)

@@ -16,7 +16,7 @@ from quantattn.bench import cases as C
 from quantattn.bench import cli, impls, report, timing
 from quantattn.config import VARIANTS
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------

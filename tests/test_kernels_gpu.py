@@ -8,10 +8,13 @@ group, scale, mask or accumulator gives.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import helpers
 import pytest
 import torch
+from helpers import GPU
 
 import quantattn as qa
 from quantattn import settings
@@ -19,10 +22,7 @@ from quantattn.config import QuantConfig
 from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64, round_to_fp8_e4m3
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
-]
+pytestmark = GPU
 
 KERNEL_VS_REFERENCE = 0.1
 DEV = "cuda"
@@ -32,12 +32,7 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
-def make(seed, *shape, dtype=torch.bfloat16, outliers=False):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    x = torch.randn(*shape, generator=g, device=DEV)
-    if outliers:
-        x = x + 4 * torch.randn(*shape[:-2], 1, shape[-1], generator=g, device=DEV)
-    return x.to(dtype)
+make = functools.partial(helpers.make, device=DEV)
 
 
 def outlier_inputs(seed, b, h, n, d):
@@ -176,10 +171,10 @@ def test_poisoned_output_is_fully_written_and_inputs_untouched():
     q, k, v = make(19, 2, 8, 3000, 128), make(20, 2, 8, 3000, 128), make(21, 2, 8, 3000, 128)
     copies = [t.clone() for t in (q, k, v)]
     for cfg in (QuantConfig(), QuantConfig(pv_dtype="fp16", pv_accum="fp32", smooth_v=True)):
-        kv = launch.preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
+        kv = launch.triton_preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
         out = torch.full_like(q, float("nan"))
         lse = torch.full((2, 8, 3000), float("nan"), device=DEV)
-        launch.attention(q, kv, True, 0.1, out, lse, launch.sequences(q, None, 0), k=k)
+        launch.triton_attention(q, kv, True, 0.1, out, lse, launch.sequences(q, None, 0), k=k)
         assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert all(torch.equal(a, b) for a, b in zip(copies, (q, k, v), strict=True))
 

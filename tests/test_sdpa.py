@@ -116,7 +116,7 @@ def test_inputs_that_require_grad_are_quantized_and_keep_their_gradients():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out.float().sum().backward()
     assert q.grad is not None and k.grad is not None
-    assert not S.fallbacks  # quantattn's backward (tests/cpu/test_backward.py checks its values)
+    assert not S.fallbacks  # quantattn's backward (tests/test_backward.py checks its values)
     with quantattn.patched(cpu="reference"), torch.no_grad():
         F.scaled_dot_product_attention(q, k, v)  # no autograd: quantized
     assert not S.fallbacks

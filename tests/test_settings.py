@@ -10,7 +10,7 @@ import pytest
 from quantattn import settings
 from quantattn.settings import Settings
 
-PACKAGE = Path(__file__).resolve().parents[2] / "quantattn"
+PACKAGE = Path(__file__).resolve().parents[1] / "quantattn"
 
 
 def test_defaults():

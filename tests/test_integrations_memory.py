@@ -1,6 +1,6 @@
 """quantattn.memory: the stated per-call memory against the buffers the launcher really allocates (K/V
 preprocessing through the Triton interpreter on CPU). The whole-call peak is measured on the GPU
-(tests/gpu/test_integrations_gpu.py)."""
+(tests/test_integrations_gpu.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_buffers_match_what_preprocess_kv_allocates(cfg):
 
     g = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2, 2, 70, 24, generator=g).bfloat16() for _ in range(2))
-    kv = launch.preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
+    kv = launch.triton_preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
     sizes = memory.buffers((2, 4, 50, 24), k.shape, cfg)
     assert storage_bytes(*kv.k_stats, *kv.v_stats) == sizes["stats"]
     assert storage_bytes(kv.k) == sizes["k_int8"] and storage_bytes(kv.k_scale) == sizes["k_scale"]

@@ -3,7 +3,7 @@
 It runs the default variant only (INT8 QK per token, FP8 PV with two-level FP32 accumulation, smooth K
 on or off) and computes what the Triton kernel computes: same quantization, same reference. It differs
 from the reference by the hardware's exp2 approximation and the accumulation order, so the bound is the
-one of tests/gpu/test_kernels_gpu.py: a tenth of the reference's own error against FP64. Calls it cannot
+one of tests/test_kernels_gpu.py: a tenth of the reference's own error against FP64. Calls it cannot
 run are refused with backend="hopper" and go to the Triton kernels with backend="auto".
 
 Skipped where there is no sm_90 GPU or quantattn.hopper is missing or unavailable (no library built).
@@ -49,7 +49,7 @@ NO_SMOOTH_K = QuantConfig(smooth_k=False)
 PER_THREAD = QuantConfig(qk_granularity="per_thread")  # the official SageAttention2 sm90 kernel's QK scales
 
 
-# the Triton kernel tests' input makers and metric (tests/gpu is on sys.path under pytest's default import mode)
+# the Triton kernel tests' input makers and metric (tests/ is on sys.path under pytest's default import mode)
 from test_kernels_gpu import make, outlier_inputs, rel_l1  # noqa: E402
 
 
@@ -181,14 +181,14 @@ def test_kernel_only_entry_points_used_by_the_benchmark():
     q, k, v = inputs(90, 2, 8, 2, 2000, 2000, 128)
     copies = [t.clone() for t in (q, k, v)]
     for causal in (False, True):
-        kv = launch.preprocess(k, v, DEFAULT)
+        kv = launch.hopper_preprocess(k, v, DEFAULT)
         out = torch.full_like(q, float("nan"))
         lse = torch.full((2, 8, 2000), float("nan"), device=DEV)
-        launch.attention(q, kv, causal, 128**-0.5, out, lse)
+        launch.hopper_attention(q, kv, causal, 128**-0.5, out, lse)
         assert torch.isfinite(out).all() and torch.isfinite(lse).all()
         want, want_lse = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="hopper")
         assert rel_l1(out, want) < 1e-4 and (lse - want_lse).abs().max() < 1e-4
-        launch.attention(q, kv, causal, 128**-0.5, out)  # lse=None
+        launch.hopper_attention(q, kv, causal, 128**-0.5, out)  # lse=None
         assert rel_l1(out, want) < 1e-4
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(copies, (q, k, v), strict=True))

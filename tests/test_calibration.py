@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model as tiny
 
 import quantattn
 from quantattn.accuracy import calibration as C
 from quantattn.accuracy.inspector import CallStats, InspectionReport, LayerRecord
-from quantattn.accuracy.models import TinyTransformer
 from quantattn.accuracy.speeds import SPEEDS, speeds_from_bench
 from quantattn.config import VARIANTS
 
 ORIGINAL = F.scaled_dot_product_attention
-ROOT_DIR = Path(__file__).resolve().parents[2]
+ROOT_DIR = Path(__file__).resolve().parents[1]
 # a GPU where the quantized variants are faster than full precision (as on RTX 40-class GPUs)
 FAST_QUANT = {"sage2-8b": 5.0, "sage2++": 4.0, "sage1-fp16acc": 3.5, "sage1": 3.0, "sage2-4b": 2.0, "sdpa": 1.0}
 
@@ -137,12 +137,6 @@ def test_full_precision_is_a_candidate_by_its_speed():
     assert C.Plan.from_report(report, 0.5, speeds={"sage1": 1.0}).layers["a#0"].variant == "sage1"
     with pytest.raises(ValueError, match="metric"):
         C.Plan.from_report(report, 0.1, metric="rmse")
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    opts = {"dim": 64, "heads": 4, "kv_heads": 2, "depth": 3, "masked": (2,), "key_bias": 2.0, **kw}
-    return TinyTransformer(**opts).bfloat16().eval()
 
 
 def x_of(seed, b=2, n=48, dim=64):

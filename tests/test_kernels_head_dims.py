@@ -4,10 +4,9 @@ output channel is its own PV product), and the reference's."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from helpers import INTERPRETER
 
 import quantattn as qa
 from quantattn import settings
@@ -16,13 +15,7 @@ from quantattn.kernels.launch import head_dim_slabs
 from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-        reason="interpreter tests run on machines without a GPU (tests/gpu covers the GPU)",
-    ),
-]
+pytestmark = INTERPRETER
 
 CONFIGS = [
     QuantConfig(),

@@ -1,34 +1,51 @@
-"""The backward pass on the CPU (reference backend): the gradient of full-precision attention at the
+"""The backward pass, on three machines.
+
+On the CPU (reference backend): the gradient of full-precision attention at the
 inputs, whatever the forward's quantization.
 
 Tolerance, FlashAttention's convention: a gradient is accurate when its max |error| against FP64
 autograd is at most twice that of the same gradient computed by plain PyTorch autograd in the input
 dtype (`dtype_grads`), plus twice the error of merely rounding the FP64 gradient to the dtype.
 `test_bound_catches_wrong_gradients` shows the bound is tight enough to reject a wrong backward.
+
+Marker `interpreter`: the backward kernels through the Triton interpreter, against the float32
+reference backward.
+
+The kernels multiply 16-bit operands (P and dS rounded to the input dtype, as FlashAttention does) with
+FP32 accumulation; the reference keeps P and dS in float32. Both must meet the CPU tests'
+bound against FP64 autograd (twice plain PyTorch autograd's error in the input dtype, plus rounding),
+and the kernel must be at least as close to the reference (relative L1) as that plain run is: the
+final rounding to the dtype dominates both, so a tighter fraction would test the seed. Small tiles
+(16 and 32 rows) so that several blocks, the causal diagonal and the partial last blocks all run.
+
+Marker `gpu`: the backward kernels on a real GPU, at real sizes, against FP64 autograd.
+Bound as on the CPU: max |error| of each gradient at most twice that of
+plain PyTorch autograd in the input dtype, plus twice the rounding of the FP64 gradient to the dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import GPU, INTERPRETER, make_grad_inputs, max_err, pytest_marks
 
 import quantattn
 from quantattn import autograd as QA
+from quantattn import calls
 from quantattn.config import VARIANTS
 from quantattn.integrations import torch_sdpa as S
+from quantattn.kernels import backward_launch as BL
+from quantattn.kernels.backward_launch import attention_backward
+from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference.backward import attention_backward_dtype, attention_backward_reference
 
 
 def make(seed, b=1, hq=4, hkv=2, nq=97, nk=97, d=59, dtype=torch.bfloat16):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-    do = torch.randn(b, hq, nq, d, generator=g).to(dtype)
-    return q, k, v, do
+    return make_grad_inputs(seed, hq, hkv, nq, nk, d, dtype, b)
 
 
 def plain_attention(q, k, v, is_causal, sm_scale=None, return_lse=False):
@@ -57,22 +74,25 @@ def autograd_grads(q, k, v, do, is_causal, sm_scale=None, dtype=None, grad_lse=N
     return torch.autograd.grad(loss, leaves)
 
 
-def max_err(a, b):
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+def max_err_or_zero(a, b):
+    return max_err(a, b) if a.numel() else 0.0
 
 
 def bounds(q, k, v, do, is_causal, sm_scale=None, grad_lse=None):
     """(FP64 gradients, per-gradient bound) by the module docstring's rule."""
     truth = autograd_grads(q, k, v, do, is_causal, sm_scale, torch.float64, grad_lse)
     base = autograd_grads(q, k, v, do, is_causal, sm_scale, None, grad_lse)
-    limits = [2 * max_err(b, t) + 2 * max_err(t.to(q.dtype), t) + 1e-6 for b, t in zip(base, truth, strict=True)]
+    limits = [
+        2 * max_err_or_zero(b, t) + 2 * max_err_or_zero(t.to(q.dtype), t) + 1e-6
+        for b, t in zip(base, truth, strict=True)
+    ]
     return truth, limits
 
 
 def assert_accurate(grads, truth, limits):
     for name, g, t, lim in zip("qkv", grads, truth, limits, strict=True):
         assert torch.isfinite(g).all(), f"d{name} has NaN/Inf"
-        assert max_err(g, t) <= lim, f"d{name}: max error {max_err(g, t):.3e} > bound {lim:.3e}"
+        assert max_err_or_zero(g, t) <= lim, f"d{name}: max error {max_err_or_zero(g, t):.3e} > bound {lim:.3e}"
 
 
 def sage_grads(q, k, v, do, layout="HND", **kw):
@@ -211,7 +231,7 @@ def test_delta_from_the_quantized_output_would_fail():
     p = torch.softmax((q64 @ k64.transpose(-1, -2)) / math.sqrt(32), -1)
     ds = p * (do64 @ v64.transpose(-1, -2) - (do64 * out).sum(-1, keepdim=True))
     dq_fa2 = ds @ k64 / math.sqrt(32)
-    assert max_err(dq_fa2, truth[0]) > limits[0]
+    assert max_err_or_zero(dq_fa2, truth[0]) > limits[0]
     _, grads = sage_grads(q, k, v, do, config=VARIANTS["sage2-4b"])
     assert_accurate(grads, truth, limits)
 
@@ -347,3 +367,189 @@ def test_bench_pipeline_on_cpu():
     assert saves == [1, 2]
     table = B.format_table(result)
     assert "head_dim 16, causal on" in table and "error" in table
+
+
+# ==================================================================================================
+# The backward kernels through the Triton interpreter (marker: interpreter)
+
+TILE = (32, 16, 4, 1)  # BLOCK_M, BLOCK_N, warps, stages
+
+
+def kernel_grads(q, k, v, do, causal, sm_scale, grad_lse=None, tile=TILE):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    BL.attention_backward(q, k, v, do, causal, sm_scale, dq, dk, dv, grad_lse, tile)
+    return dq, dk, dv
+
+
+def plain_grads(q, k, v, do, causal, sm_scale, dtype, grad_lse=None):
+    """torch autograd of attention computed in `dtype` (softmax in float32 at least)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    qq, kk, vv = leaves
+    group = q.shape[1] // k.shape[1]
+    kk, vv = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)
+    s = (qq @ kk.transpose(-1, -2)) * sm_scale
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        s = s.masked_fill(torch.arange(nk)[None, :] > torch.arange(nq)[:, None] + (nk - nq), -math.inf)
+    s = s.to(torch.promote_types(dtype, torch.float32))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    loss = ((p.to(dtype) @ vv) * do.to(dtype)).sum()
+    if grad_lse is not None:
+        lse = torch.logsumexp(s, -1)
+        loss = loss + (torch.where(torch.isinf(lse), 0.0, lse) * grad_lse.to(lse.dtype)).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+def check(q, k, v, do, causal, sm_scale, grads, grad_lse=None):
+    truth = plain_grads(q, k, v, do, causal, sm_scale, torch.float64, grad_lse)
+    plain = plain_grads(q, k, v, do, causal, sm_scale, q.dtype, grad_lse)
+    ref = attention_backward_reference(q, k, v, do, causal, sm_scale, grad_lse)
+    for name, g, t, p, r in zip("qkv", grads, truth, plain, ref, strict=True):
+        assert torch.isfinite(g).all(), f"d{name} has NaN/Inf"
+        bound = 2 * max_err(p, t) + 2 * max_err(t.to(q.dtype), t) + 1e-6
+        assert max_err(g, t) <= bound, f"d{name}: {max_err(g, t):.3e} > {bound:.3e}"
+        assert rel_l1(g, r) <= rel_l1(p, r), f"d{name}: rel L1 to the reference {rel_l1(g, r):.3e} > {rel_l1(p, r):.3e}"
+
+
+@pytest_marks(INTERPRETER)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(
+    "hq, hkv, nq, nk, d, dtype",
+    [
+        (2, 2, 80, 80, 16, torch.bfloat16),
+        (2, 1, 48, 80, 40, torch.float16),  # GQA, Nq < Nk, head_dim padded to 64
+        (4, 2, 72, 33, 16, torch.bfloat16),  # GQA, Nq > Nk: causal rows that see no key
+    ],
+    ids=["mha-80-bf16", "gqa-48x80-d40-fp16", "gqa-72x33-bf16"],
+)
+def test_kernels_match_reference(causal, hq, hkv, nq, nk, d, dtype):
+    q, k, v, do = make_grad_inputs(nq + nk + d, hq, hkv, nq, nk, d, dtype)
+    sm_scale = 1.0 / math.sqrt(d)
+    grads = kernel_grads(q, k, v, do, causal, sm_scale)
+    check(q, k, v, do, causal, sm_scale, grads)
+    if causal and nq > nk:
+        assert torch.all(grads[0][:, :, : nq - nk] == 0)
+
+
+@pytest_marks(INTERPRETER)
+@pytest.mark.parametrize("tile", [(16, 32, 4, 1), (64, 64, 4, 1)], ids=["bm16-bn32", "bm64-bn64"])
+@pytest.mark.parametrize(
+    "hq, hkv, nq, nk, d, dtype",
+    [(2, 2, 50, 70, 1, torch.float16), (1, 1, 20, 36, 256, torch.bfloat16)],
+    ids=["d1-fp16", "d256-bf16"],
+)
+def test_other_tiles_and_head_dims(tile, hq, hkv, nq, nk, d, dtype):
+    q, k, v, do = make_grad_inputs(nq * d, hq, hkv, nq, nk, d, dtype)
+    grads = kernel_grads(q, k, v, do, True, 1.0 / math.sqrt(d), tile=tile)
+    check(q, k, v, do, True, 1.0 / math.sqrt(d), grads)
+
+
+@pytest_marks(INTERPRETER)
+def test_lse_gradient_custom_scale_and_batches_in_parts(monkeypatch):
+    q, k, v, do = make_grad_inputs(5, 2, 1, 40, 24, 16, torch.bfloat16, b=2)
+    g_lse = torch.randn(2, 2, 40, generator=torch.Generator().manual_seed(50))
+    monkeypatch.setattr(calls, "MAX_GRID_Y", 2)  # one launch per batch entry: the split path
+    grads = kernel_grads(q, k, v, do, True, 0.4, g_lse)
+    check(q, k, v, do, True, 0.4, grads, g_lse)
+
+
+@pytest_marks(INTERPRETER)
+def test_sageattn_backward_runs_the_kernels_in_nhd():
+    q, k, v, do = make_grad_inputs(6, 2, 1, 24, 40, 32, torch.bfloat16)
+    nhd = [t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+    out = quantattn.sageattn(*nhd, "NHD", is_causal=True, backend="triton")
+    out.backward(do.transpose(1, 2))
+    grads = [t.grad.transpose(1, 2) for t in nhd]
+    want = kernel_grads(q, k, v, do, True, 1.0 / math.sqrt(32), tile=None)
+    for a, b in zip(grads, want, strict=True):
+        assert torch.equal(a, b)
+    check(q, k, v, do, True, 1.0 / math.sqrt(32), grads)
+
+
+# ==================================================================================================
+# On a real GPU (marker: gpu)
+
+DEV = "cuda"
+make_on_gpu = functools.partial(make_grad_inputs, device=DEV)
+
+
+def plain_grads_on_gpu(q, k, v, do, causal, sm_scale, dtype):
+    """torch autograd of attention in `dtype` (softmax in float32 at least), GQA heads expanded."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    qq, kk, vv = leaves
+    group = q.shape[1] // k.shape[1]
+    kk, vv = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)
+    s = (qq @ kk.transpose(-1, -2)) * sm_scale
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        hidden = torch.arange(nk, device=DEV)[None, :] > torch.arange(nq, device=DEV)[:, None] + (nk - nq)
+        s = s.masked_fill(hidden, -math.inf)
+    p = torch.softmax(s.to(torch.promote_types(dtype, torch.float32)), -1).nan_to_num(0.0)
+    out = p.to(dtype) @ vv
+    return torch.autograd.grad(out, leaves, do.to(dtype))
+
+
+def assert_accurate_on_gpu(q, k, v, do, causal, sm_scale, grads):
+    truth = plain_grads_on_gpu(q, k, v, do, causal, sm_scale, torch.float64)
+    plain = plain_grads_on_gpu(q, k, v, do, causal, sm_scale, q.dtype)
+    for name, g, t, p in zip("qkv", grads, truth, plain, strict=True):
+        assert torch.isfinite(g).all(), f"d{name} has NaN/Inf"
+        bound = 2 * max_err(p, t) + 2 * max_err(t.to(q.dtype), t) + 1e-6
+        assert max_err(g, t) <= bound, f"d{name}: {max_err(g, t):.3e} > {bound:.3e}"
+
+
+@pytest_marks(GPU)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("n", [1024, 4096])
+def test_sageattn_gradients_match_fp64(dtype, causal, d, n):
+    q, k, v, do = make_on_gpu(d + n, 4, 2, n, n, d, dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = quantattn.sageattn(*leaves, is_causal=causal)
+    out.backward(do)
+    assert_accurate_on_gpu(q, k, v, do, causal, 1.0 / math.sqrt(d), [t.grad for t in leaves])
+
+
+@pytest_marks(GPU)
+@pytest.mark.parametrize("nq, nk", [(1000, 3000), (3000, 1000), (1, 777), (65, 1)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_unequal_lengths_odd_dims_and_nhd(nq, nk, causal):
+    q, k, v, do = make_on_gpu(nq + nk, 8, 1, nq, nk, 96, torch.bfloat16)
+    nhd = [t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+    out = quantattn.sageattn(*nhd, "NHD", is_causal=causal, sm_scale=0.2)
+    out.backward(do.transpose(1, 2))
+    assert_accurate_on_gpu(q, k, v, do, causal, 0.2, [t.grad.transpose(1, 2) for t in nhd])
+
+
+@pytest_marks(GPU)
+def test_kernels_match_the_reference_backward():
+    q, k, v, do = make_on_gpu(1, 4, 2, 2048, 1500, 128, torch.bfloat16)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    attention_backward(q, k, v, do, True, 0.1, dq, dk, dv)
+    ref = attention_backward_reference(q, k, v, do, True, 0.1)
+    plain = plain_grads_on_gpu(q, k, v, do, True, 0.1, torch.bfloat16)
+    for g, r, p in zip((dq, dk, dv), ref, plain, strict=True):
+        rel = float((g.double() - r.double()).abs().sum() / r.double().abs().sum())
+        rel_plain = float((p.double() - r.double()).abs().sum() / r.double().abs().sum())
+        assert rel <= rel_plain, (rel, rel_plain)
+
+
+@pytest_marks(GPU)
+@pytest.mark.gpu_serial  # reads the allocator's peak
+def test_backward_memory_is_linear_in_n():
+    """32K tokens: an Nq x Nk float32 matrix per head would be 4 GiB; the backward may allocate only the
+    gradients and 8 bytes of row statistics per query and head (plus allocator rounding)."""
+    b, h, n, d = 1, 2, 32768, 128
+    q, k, v, do = make_on_gpu(2, h, h, n, n, d, torch.bfloat16, b)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = quantattn.sageattn(*leaves, is_causal=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out.backward(do)
+    torch.cuda.synchronize()
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in leaves)
+    allowed = grads + 8 * b * h * n + (4 << 20)
+    assert torch.cuda.max_memory_allocated() - before <= allowed
+    assert all(torch.isfinite(t.grad).all() for t in leaves)

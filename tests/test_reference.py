@@ -32,7 +32,7 @@ from quantattn.reference import (
     smooth_v,
     smoothing_vector_k,
 )
-from quantattn.reference.attention import LOG2E, expand_rows, preprocess_kv, q_block_means
+from quantattn.reference.attention import LOG2E, expand_rows, q_block_means, quantize_kv
 
 
 def seed_of(*parts) -> int:
@@ -255,7 +255,7 @@ def test_operands_lie_on_their_grids(qa, qk, pv, accum, smooth_v):
     largest element on +-qmax), V in the PV precision (FP8: each channel's largest token on the range)."""
     cfg = QuantConfig(qk, "per_token", pv, accum, smooth_k=True, smooth_q=True, smooth_v=smooth_v)
     q, k, v = qa.make_qkv(seed_of(qk, pv, accum, smooth_v), hq=2, nq=70, d=32, nk=90, v_bias=2.0)
-    kv = preprocess_kv(k, v, cfg)
+    kv = quantize_kv(k, v, cfg)
     qq = quantize_q(q, kv, cfg, sm_scale=0.125)
     for values in (kv.k, qq.values):
         assert torch.equal(values, values.round()) and (values.abs() <= cfg.qmax).all()
@@ -350,7 +350,7 @@ def test_smooth_q_delta_s_restores_the_scores(qa):
     plus its correction equal the unsmoothed scores to float32 rounding."""
     q, k, v = qa.make_qkv(5, hq=2, nq=150, d=32, hkv=1, nk=90, q_bias=6.0)
     cfg = SAGE2_8B.replace(smooth_q=True)
-    kv = preprocess_kv(k, v, cfg)
+    kv = quantize_kv(k, v, cfg)
     qq = quantize_q(q, kv, cfg, sm_scale=0.25)
     means = q_block_means(q.float())
     assert qq.delta_s.shape == (1, 2, 3, 90)  # one row vector per 64-row Q block (the last one partial)

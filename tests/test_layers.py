@@ -2,7 +2,7 @@
 or inside a function, goes from a layer to the same layer or one below it, and the modules of the call path
 import each other without a cycle.
 
-`python tests/cpu/test_layers.py` prints the call path's import graph, layer by layer.
+`python tests/test_layers.py` prints the call path's import graph, layer by layer.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "quantattn"
+PACKAGE = Path(__file__).resolve().parents[1] / "quantattn"
 
 # Highest first. A module's layer is that of the longest prefix listed; anything else in the package is a
 # tool (integrations, accuracy, bench, distributed, CLIs), above the entry layer.

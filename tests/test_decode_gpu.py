@@ -6,7 +6,7 @@ kernels/decode.py `_quantize_rows`), so what remains is the hardware's exp2 (ex2
 summation order, and the P V product's accumulator, which the reference models: the FP8 tensor-core
 one (FP22) at 64 packed rows, and true FP32 at 16 rows on Hopper, where Triton lowers the FP8 product
 to FP16 MMAs (decode_launch.pv_accumulates_in_fp32; decode_reference(fp32_pv=True)). The bound, a
-tenth of the reference's own error against FP64, is that of tests/gpu/test_kernels_gpu.py;
+tenth of the reference's own error against FP64, is that of tests/test_kernels_gpu.py;
 test_pv_product_is_the_one_the_reference_models checks the compiled MMA against that rule. The lse
 bound (1e-3) is ~100x the exp2/summation differences; Q's INT8 values rounding differently (before
 `_quantize_rows`) moved rows' lse by up to 8e-3.
@@ -14,32 +14,27 @@ bound (1e-3) is ~100x the exp2/summation differences; Q's INT8 values rounding d
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
+import helpers
 import pytest
 import torch
+from helpers import GPU
 
 import quantattn
 from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 from quantattn.reference import decode as R
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
-]
+pytestmark = GPU
 
 KERNEL_VS_REFERENCE = 0.1
 DEV = "cuda"
 
 
-def make(seed, *shape, dtype=torch.bfloat16, bias=0.0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    x = torch.randn(*shape, generator=g, device=DEV)
-    if bias:
-        x = x + bias * torch.randn(*shape[:-2], 1, shape[-1], generator=g, device=DEV)
-    return x.to(dtype)
+make = functools.partial(helpers.make, device=DEV)
 
 
 def qkv(seed, b, hq, hkv, nq, nk, d, outliers=False, dtype=torch.bfloat16):

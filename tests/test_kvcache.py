@@ -332,7 +332,7 @@ def test_readme_decode_snippet_runs(qa):
     """The README's decoding example, run as written on CPU tensors."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     after = readme.split("Decoding: quantize the prompt's K/V once", 1)[1]
     code = after.split("```python\n", 1)[1].split("```", 1)[0].replace('device="cuda"', 'device="cpu"')
     _, k, v = qa.make_qkv(18, 2, 8, 1, 128, hkv=8, nk=100, dtype=torch.bfloat16)

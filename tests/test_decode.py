@@ -3,16 +3,14 @@
 The append kernel and the reference quantize identically: the caches they build hold the same bytes.
 The attention kernel differs from the reference only where the reference models the FP8 MMA's FP22
 accumulator (the interpreter multiplies exactly) and in float32 summation order, so it must stay within
-a small fraction of the reference's own error against FP64 (as tests/interpreter/test_kernels.py).
+a small fraction of the reference's own error against FP64 (as tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from test_kernels import make  # tests/interpreter is on sys.path (pytest's default import mode)
+from helpers import INTERPRETER, make
 
 import quantattn
 from quantattn.config import QuantConfig
@@ -20,13 +18,7 @@ from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 from quantattn.reference import decode as R
 
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-        reason="interpreter tests run on machines without a GPU (tests/gpu covers the GPU)",
-    ),
-]
+pytestmark = INTERPRETER
 
 KERNEL_VS_REFERENCE = 0.05
 

@@ -17,7 +17,7 @@ import torch
 import quantattn
 from quantattn.integrations import torch_sdpa as S
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 HAS_GPU = torch.cuda.is_available()
 
 pytestmark = pytest.mark.usefixtures("fresh_integrations")

@@ -9,6 +9,9 @@ are bit for bit. Run with `-rP` to see the per-model output differences printed 
 
 from __future__ import annotations
 
+import functools
+
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,9 +32,7 @@ DEV = "cuda"
 FP16_PV = QuantConfig(pv_dtype="fp16", pv_accum="fp32")
 
 
-def make(seed, *shape, dtype=torch.bfloat16):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    return torch.randn(*shape, generator=g, device=DEV).to(dtype)
+make = functools.partial(helpers.make, device=DEV)
 
 
 def qkv(seed, b=2, hq=8, hkv=2, n=1000, d=128, dtype=torch.bfloat16):

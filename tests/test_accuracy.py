@@ -1,13 +1,17 @@
-"""On the GPU: the guards on the Triton kernels (128K keys, 64-bit offsets, CUDA's grid limit,
+"""Accuracy at its limits and the accuracy tools.
+
+On the CPU: `python -m quantattn.accuracy` (the reference), at a tiny shape: tables, JSON, chart, options.
+
+Marker `gpu`: the guards on the Triton kernels (128K keys, 64-bit offsets, CUDA's grid limit,
 saturation, padded head_dims, huge dynamic range), the inspector and calibration on a larger randomly
 initialized model, and the ablation command.
-
 Kernel results are held to the reference variant they implement, as in test_kernels_gpu.py: within a
 tenth of the reference's own error against FP64 attention.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -15,30 +19,121 @@ import sys
 
 import pytest
 import torch
+from helpers import GPU, make, pytest_marks
 
 import quantattn
 from quantattn import guards, metrics
+from quantattn.accuracy import ablation as A
+from quantattn.accuracy import cli
 from quantattn.accuracy.models import TinyTransformer
 from quantattn.config import SAGE1, SAGE1_FP16ACC, SAGE2PP, VARIANTS, QuantConfig
 from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
-]
+TINY = ["--head-dims", "16", "32", "--seq-lens", "48", "--heads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    proc = subprocess.run([sys.executable, "-m", "quantattn.accuracy", *TINY, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return proc, out
+
+
+def test_the_command_writes_table_json_and_chart(run):
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "accuracy_ablation.json").read_text())
+    assert doc["format"] == "quantattn-accuracy-ablation/1" and doc["metadata"]["device"] == "cpu"
+    assert (out / "accuracy_ablation.png").stat().st_size > 10_000
+    settings = sum(len(s) for s in A.ABLATION_GROUPS.values())
+    assert len(doc["rows"]) == settings * 2 * 2  # two head_dims, two input kinds
+    assert not [r for r in doc["rows"] if "error" in r]
+    for group in A.ABLATION_GROUPS:
+        assert f"| {group} |" in proc.stdout
+    assert "### head_dim 32, N 48" in proc.stdout and "worst row" in proc.stdout
+    # the knobs the issue names, each present
+    labels = {(r["group"], r["setting"]) for r in doc["rows"]}
+    for knob in ("QK precision", "QK granularity (INT8)", "smooth K", "smooth Q", "PV precision",
+                 "PV accumulator (FP8)", "smooth V", "FP16 accumulators"):  # fmt: skip
+        assert len({s for g, s in labels if g == knob}) >= 2
+
+
+def test_rows_are_the_metrics_of_the_variant_on_the_stated_inputs(run):
+    _, out = run
+    doc = json.loads((out / "accuracy_ablation.json").read_text())
+    row = next(
+        r for r in doc["rows"] if r["setting"] == "sage2-4b" and r["inputs"] == "outliers" and r["head_dim"] == 32
+    )
+    q, k, v = metrics.make_qkv(1, 1, 48, 32, outliers=True, seed=0)
+    truth = attention_fp64(q, k, v)
+    got = quantattn.sageattn(q, k, v, config=quantattn.VARIANTS["sage2-4b"], backend="reference")
+    assert row["rel_l1"] == metrics.relative_l1(got, truth)
+    assert row["worst_row"] == metrics.worst_row_rel_l1(got, truth) >= row["rel_l1"]
+    sdpa = next(r for r in doc["rows"] if r["variant"] == "sdpa" and r["inputs"] == "outliers" and r["head_dim"] == 32)
+    assert sdpa["backend"] == "torch" and sdpa["rel_l1"] < row["rel_l1"]
+
+
+def test_routed_settings_say_so(capsys):
+    assert cli.main(["--shape", "1,1,32,16", "--groups", "PV precision", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "FP16 [guard: ran pv_dtype=bf16]" in text  # bf16 inputs: FP16 PV runs BF16 PV
+    assert cli.main(["--shape", "1,1,32,16", "--groups", "PV precision", "--dtype", "fp16", "--quiet"]) == 0
+    assert "guard" not in capsys.readouterr().out
+
+
+def test_first_tools_options_still_work(capsys, tmp_path):
+    """The options of the first accuracy tool (--shape, --variants, --json) keep their meaning."""
+    path = tmp_path / "a.json"
+    argv = ["--shape", "1,2,40,16", "--variants", "sage2-8b", "sage2-8b no smooth_k", "--json", str(path), "--quiet"]
+    assert cli.main(argv) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["setting"] for r in rows} == {"sage2-8b", "sage2-8b no smooth_k"} and len(rows) == 4
+    assert "sage2-8b no smooth_k" in capsys.readouterr().out
+    assert cli.main(["--shape", "1,1,16,16", "--variants", "all", "--json", str(path), "--quiet"]) == 0
+    assert {r["setting"] for r in json.loads(path.read_text())["rows"]} == set(A.ABLATIONS)
+    with pytest.raises(SystemExit):
+        cli.main(["--variants", "nope"])
+    with pytest.raises(SystemExit):
+        cli.main(["--groups", "nope"])
+
+
+def test_chart_from_the_json_file(run, tmp_path):
+    from quantattn.accuracy.chart import plot
+
+    _, out = run
+    png = plot(out / "accuracy_ablation.json", tmp_path / "again.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_a_failing_setting_is_reported_not_fatal(monkeypatch, capsys):
+    def broken(setting, *args):
+        if setting.label == "off":
+            raise RuntimeError("boom")
+        return A.F.scaled_dot_product_attention(*args[:3])
+
+    monkeypatch.setattr(A, "run_setting", broken)
+    assert cli.main(["--shape", "1,1,16,16", "--groups", "smooth K", "--quiet"]) == 1
+    assert "RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_worst_row_metric():
+    ref = torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]])
+    out = torch.tensor([[1.0, 1.5], [2.0, 2.0], [0.0, 0.0]])
+    assert metrics.worst_row_rel_l1(out, ref) == 0.25
+    assert metrics.max_abs_error(out, ref) == 0.5
+
+
+# ==================================================================================================
+# On a real GPU (marker: gpu)
 
 DEV = "cuda"
 DEFAULT = QuantConfig()
 KERNEL_VS_REFERENCE = 0.1
 
 
-def rnd(seed, *shape, bias=0.0, scale=1.0, dtype=torch.bfloat16):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    x = scale * torch.randn(*shape, generator=g, device=DEV)
-    if bias:
-        x = x + bias * torch.randn(*shape[:-2], 1, shape[-1], generator=g, device=DEV)
-    return x.to(dtype)
+rnd = functools.partial(make, device=DEV)
 
 
 def check(q, k, v, cfg, layout="HND", **kw):
@@ -57,6 +152,7 @@ def check(q, k, v, cfg, layout="HND", **kw):
 # Guards on the kernels
 
 
+@pytest_marks(GPU)
 @pytest.mark.gpu_serial  # holds 128K keys and their FP64 truth
 @pytest.mark.parametrize("causal", [False, True])
 def test_128k_keys(causal):
@@ -67,6 +163,7 @@ def test_128k_keys(causal):
     check(q, k, v, DEFAULT, is_causal=causal)
 
 
+@pytest_marks(GPU)
 @pytest.mark.gpu_serial  # the FP64 truth of a 128K x 128K call: gigabytes
 def test_128k_by_128k_against_fp64():
     """One head of a full 128K x 128K call (the kernel against FP64 attention directly: the reference's
@@ -80,6 +177,7 @@ def test_128k_by_128k_against_fp64():
     assert rel_l1(out, truth) <= 2 * err_8k, (rel_l1(out, truth), err_8k)
 
 
+@pytest_marks(GPU)
 @pytest.mark.gpu_serial  # about 30 GiB (K and V of 2**32 elements)
 def test_64_bit_key_offsets():
     """FP16 PV reads the caller's V in place: in NHD its row stride is H * d, and 131072 keys of 128 heads
@@ -101,6 +199,7 @@ def test_64_bit_key_offsets():
     assert rel_l1(got, ref) <= KERNEL_VS_REFERENCE * rel_l1(ref, truth) + 1e-5
 
 
+@pytest_marks(GPU)
 def test_past_the_grid_limit():
     """2049 sequences x 32 heads = 65568 (sequence, head) pairs, past CUDA's 65535: split by sequences."""
     q, k, v = (rnd(s, 2049, 32, 16, 64) for s in (10, 11, 12))
@@ -115,6 +214,7 @@ def _call(q, k, v):
     return AttentionCall(q, k, v, DEFAULT, False, 0.125, torch.empty_like(q), None)
 
 
+@pytest_marks(GPU)
 @pytest.mark.parametrize("name", [n for n, c in VARIANTS.items() if c.pv_accum != "fp16+fp32"])
 def test_output_saturates_at_float16_max(name):
     """P rounded up by FP8 (275 -> 288) with V at 65504: FP64 gives 65504, the output must not be Inf."""
@@ -131,6 +231,7 @@ def test_output_saturates_at_float16_max(name):
     assert torch.equal(out, attention_fp64(q, k, v, sm_scale=-math.log(target)).half())
 
 
+@pytest_marks(GPU)
 def test_sage2pp_partials_at_the_range_limits():
     q, k = torch.zeros(1, 2, 64, 32, device=DEV).half(), torch.zeros(1, 2, 640, 32, device=DEV).half()
     v = torch.full((1, 2, 640, 32), 60000.0, device=DEV).half()
@@ -141,6 +242,7 @@ def test_sage2pp_partials_at_the_range_limits():
     assert torch.allclose(out.float(), v[:, :, :64].float(), rtol=2e-3, atol=0)
 
 
+@pytest_marks(GPU)
 def test_fp16_accumulator_range_is_the_variants_own():
     """As on the CPU: sage1-fp16acc overflows beyond |V| ~ 65504/64 with flat attention (documented)."""
     q, k = torch.zeros(1, 1, 64, 64, device=DEV).half(), torch.zeros(1, 1, 256, 64, device=DEV).half()
@@ -148,6 +250,7 @@ def test_fp16_accumulator_range_is_the_variants_own():
     assert torch.isinf(quantattn.sageattn(q, k, v, config=SAGE1_FP16ACC)).all()
 
 
+@pytest_marks(GPU)
 @pytest.mark.parametrize("d", [80, 96, 160, 200])
 def test_padded_head_dims(d):
     q, k, v = rnd(13, 1, 4, 777, d), rnd(14, 1, 2, 901, d, bias=4.0), rnd(15, 1, 2, 901, d)
@@ -155,6 +258,7 @@ def test_padded_head_dims(d):
         check(q, k, v, cfg, is_causal=True)
 
 
+@pytest_marks(GPU)
 @pytest.mark.parametrize("nk", [1, 2, 3, 5, 16])
 def test_short_key_sequences(nk):
     q, k, v = rnd(16, 2, 4, 100, 128), rnd(17, 2, 2, nk, 128, bias=6.0), rnd(18, 2, 2, nk, 128)
@@ -176,6 +280,7 @@ DYNAMIC = {
 }
 
 
+@pytest_marks(GPU)
 @pytest.mark.parametrize("case", list(DYNAMIC))
 def test_huge_dynamic_range(case):
     sq, sk, sv = DYNAMIC[case]
@@ -201,6 +306,7 @@ def big_model():
     return model, xs
 
 
+@pytest_marks(GPU)
 def test_inspector_on_a_larger_model(big_model):
     model, xs = big_model
     report = quantattn.inspect_attention(model, xs)
@@ -218,6 +324,7 @@ def test_inspector_on_a_larger_model(big_model):
     print(report.table())
 
 
+@pytest_marks(GPU)
 def test_inspector_errors_match_the_reference(big_model):
     """The inspector's number for a call is the kernel's error on that call: close to the reference's."""
     model, xs = big_model
@@ -240,6 +347,7 @@ def test_inspector_errors_match_the_reference(big_model):
     assert abs(report.error("blocks.0.attn#0", "sage2-8b") - err_ref) <= 0.1 * err_ref
 
 
+@pytest_marks(GPU)
 def test_calibration_on_a_larger_model(big_model, tmp_path):
     model, xs = big_model
     report = quantattn.inspect_attention(model, xs, candidates=("sage2-8b", "sage2++", "sage1"))
@@ -263,6 +371,7 @@ def test_calibration_on_a_larger_model(big_model, tmp_path):
 # The ablation command
 
 
+@pytest_marks(GPU)
 @pytest.mark.gpu_serial  # a second GPU process; compares its numbers with this one's
 def test_ablation_command(tmp_path):
     cmd = [sys.executable, "-m", "quantattn.accuracy", "--head-dims", "64", "128", "--seq-lens", "1024",

@@ -9,13 +9,13 @@ using any other group, scale or accumulator would exceed by far (test_bound_is_t
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import pytest
 import torch
 import triton
 import triton.language as tl
+from helpers import INTERPRETER, make
 
 import quantattn as qa
 from quantattn import settings
@@ -24,23 +24,9 @@ from quantattn.kernels.common import to_fp8_e4m3
 from quantattn.metrics import relative_l1 as rel_l1
 from quantattn.reference import attention_fp64, round_to_fp8_e4m3, smoothing_vector_k
 
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-        reason="interpreter tests run on machines without a GPU (tests/gpu covers the GPU)",
-    ),
-]
+pytestmark = INTERPRETER
 
 KERNEL_VS_REFERENCE = 0.05  # fraction of the reference's error against FP64
-
-
-def make(seed, *shape, dtype=torch.bfloat16, outliers=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
-    if outliers:
-        x = x + 4 * torch.randn(*shape[:-2], 1, shape[-1], generator=g)
-    return x.to(dtype)
 
 
 def run_both(q, k, v, cfg, **kw):
@@ -160,7 +146,7 @@ def test_a_non_finite_v_element_reaches_its_channel_with_16_bit_pv(cfg, bad):
 
 def test_fp8_pv_under_the_interpreter_says_what_it_cannot_check(monkeypatch):
     """FP8 P.V loses NaN/Inf in the interpreter's tl.dot: the call says so (once), and the GPU suite
-    (tests/gpu/test_kernels_gpu.py::test_a_non_finite_v_element_reaches_its_channel) checks it instead."""
+    (tests/test_kernels_gpu.py::test_a_non_finite_v_element_reaches_its_channel) checks it instead."""
     from quantattn.kernels import launch
 
     monkeypatch.setattr(launch, "_said_interpreter_fp8_pv", False)
@@ -183,10 +169,10 @@ def test_poisoned_output_is_fully_written():
 
     q, k, v = (make(s, 2, 2, 100, 64) for s in (19, 20, 21))
     cfg = QuantConfig()
-    kv = launch.preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
+    kv = launch.triton_preprocess_kv(k, v, cfg, launch.sequences(k, None, 0))
     out = torch.full_like(q, float("nan"))
     lse = torch.full((2, 2, 100), float("nan"))
-    launch.attention(q, kv, False, 0.125, out, lse, launch.sequences(q, None, 0), k=k)
+    launch.triton_attention(q, kv, False, 0.125, out, lse, launch.sequences(q, None, 0), k=k)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
@@ -262,9 +248,9 @@ def test_preprocessing_in_chunks_of_several_blocks(monkeypatch, varlen):
         seqs = launch.Sequences(2, 0, 230, cu)
     else:
         seqs = launch.sequences(k, None, 0)
-    whole = launch.preprocess_kv(k, v, cfg, seqs)
+    whole = launch.triton_preprocess_kv(k, v, cfg, seqs)
     monkeypatch.setattr(launch, "MAX_CHUNKS", 2)
-    chunked = launch.preprocess_kv(k, v, cfg, seqs)
+    chunked = launch.triton_preprocess_kv(k, v, cfg, seqs)
     for a, b in zip((*whole.k_stats, *whole.v_stats), (*chunked.k_stats, *chunked.v_stats), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert torch.equal(whole.k, chunked.k)
@@ -298,7 +284,7 @@ def test_smooth_k_vector_matches_reference(nk, keys):
 
     k = dominant_key(50 + nk, nk) if keys == "dominant key" else make(50 + nk, 1, 2, nk, 64, outliers=True)
     q, v = make(60, 1, 4, 40, 64), make(61, 1, 2, nk, 64)
-    kv = launch.preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
+    kv = launch.triton_preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
     torch.testing.assert_close(kv.k_stats[0][0], smoothing_vector_k(k[0]), rtol=1e-5, atol=1e-4)
     for cfg in (QuantConfig(), QuantConfig(smooth_q=True)):
         (out, lse), (ref, ref_lse) = run_both(q, k, v, cfg, return_lse=True)
@@ -322,7 +308,7 @@ def test_smooth_k_vector_with_non_finite_keys(monkeypatch):
     v = make(63, 1, 2, 200, 64)
     for chunks in (16, 2):  # one chunk per head, or the counts of two chunks added up
         monkeypatch.setattr(launch, "MAX_CHUNKS", chunks)
-        kv = launch.preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
+        kv = launch.triton_preprocess_kv(k, v, QuantConfig(), launch.sequences(k, None, 0))
         want = smoothing_vector_k(k[0])
         assert torch.equal(kv.k_stats[0][0, 0, :3], torch.zeros(3))  # channels with 0, 1, 2 finite values
         torch.testing.assert_close(kv.k_stats[0][0], want, rtol=1e-5, atol=1e-5)

@@ -9,23 +9,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import tiny_model as tiny
 
 import quantattn
 from quantattn import metrics
 from quantattn.accuracy import inspector as I
 from quantattn.accuracy.hooks import ROOT
-from quantattn.accuracy.models import TinyTransformer
 from quantattn.config import VARIANTS
 from quantattn.reference import attention_fp64
 
 ORIGINAL = F.scaled_dot_product_attention
 CANDIDATES = ("sage2-8b", "sage1", "sage2++")
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    opts = {"dim": 64, "heads": 4, "kv_heads": 2, "depth": 3, "masked": (2,), "key_bias": 2.0, **kw}
-    return TinyTransformer(**opts).bfloat16().eval()
 
 
 def inputs(seed, b=2, n=40, dim=64):

@@ -239,7 +239,7 @@ def test_128k_keys(qa):
     """Statistics (token means and ranges) over 131072 keys in float32, FP8 V scales over all of them,
     and an online softmax over 1024 steps, for the last 16 queries of a causal call (a decode-like call:
     bottom-right alignment makes them see every key but the last few). The kernels' 64-bit offsets at
-    this length are checked on the GPU (tests/gpu/test_accuracy_gpu.py)."""
+    this length are checked on the GPU (tests/test_accuracy.py)."""
     q, k, v = qa.make_qkv(seed_of("128k"), hq=2, hkv=1, nq=16, nk=131072, d=16, k_bias=8.0, v_bias=2.0,
                           dtype=torch.bfloat16)  # fmt: skip
     out, lse = quantattn.sageattn(q, k, v, is_causal=True, return_lse=True)
