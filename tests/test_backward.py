@@ -390,7 +390,8 @@ def plain_grads(q, k, v, do, causal, sm_scale, dtype, grad_lse=None):
     s = (qq @ kk.transpose(-1, -2)) * sm_scale
     if causal:
         nq, nk = q.shape[2], k.shape[2]
-        s = s.masked_fill(torch.arange(nk)[None, :] > torch.arange(nq)[:, None] + (nk - nq), -math.inf)
+        keys, rows = torch.arange(nk, device=q.device), torch.arange(nq, device=q.device)
+        s = s.masked_fill(keys[None, :] > rows[:, None] + (nk - nq), -math.inf)
     s = s.to(torch.promote_types(dtype, torch.float32))
     p = torch.softmax(s, -1).nan_to_num(0.0)
     loss = ((p.to(dtype) @ vv) * do.to(dtype)).sum()
@@ -473,25 +474,9 @@ DEV = "cuda"
 make_on_gpu = functools.partial(make_grad_inputs, device=DEV)
 
 
-def plain_grads_on_gpu(q, k, v, do, causal, sm_scale, dtype):
-    """torch autograd of attention in `dtype` (softmax in float32 at least), GQA heads expanded."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    qq, kk, vv = leaves
-    group = q.shape[1] // k.shape[1]
-    kk, vv = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)
-    s = (qq @ kk.transpose(-1, -2)) * sm_scale
-    if causal:
-        nq, nk = q.shape[2], k.shape[2]
-        hidden = torch.arange(nk, device=DEV)[None, :] > torch.arange(nq, device=DEV)[:, None] + (nk - nq)
-        s = s.masked_fill(hidden, -math.inf)
-    p = torch.softmax(s.to(torch.promote_types(dtype, torch.float32)), -1).nan_to_num(0.0)
-    out = p.to(dtype) @ vv
-    return torch.autograd.grad(out, leaves, do.to(dtype))
-
-
 def assert_accurate_on_gpu(q, k, v, do, causal, sm_scale, grads):
-    truth = plain_grads_on_gpu(q, k, v, do, causal, sm_scale, torch.float64)
-    plain = plain_grads_on_gpu(q, k, v, do, causal, sm_scale, q.dtype)
+    truth = plain_grads(q, k, v, do, causal, sm_scale, torch.float64)
+    plain = plain_grads(q, k, v, do, causal, sm_scale, q.dtype)
     for name, g, t, p in zip("qkv", grads, truth, plain, strict=True):
         assert torch.isfinite(g).all(), f"d{name} has NaN/Inf"
         bound = 2 * max_err(p, t) + 2 * max_err(t.to(q.dtype), t) + 1e-6
@@ -528,7 +513,7 @@ def test_kernels_match_the_reference_backward():
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     attention_backward(q, k, v, do, True, 0.1, dq, dk, dv)
     ref = attention_backward_reference(q, k, v, do, True, 0.1)
-    plain = plain_grads_on_gpu(q, k, v, do, True, 0.1, torch.bfloat16)
+    plain = plain_grads(q, k, v, do, True, 0.1, torch.bfloat16)
     for g, r, p in zip((dq, dk, dv), ref, plain, strict=True):
         rel = float((g.double() - r.double()).abs().sum() / r.double().abs().sum())
         rel_plain = float((p.double() - r.double()).abs().sum() / r.double().abs().sum())
