@@ -198,16 +198,16 @@ def test_kernel_only_entry_points_used_by_the_benchmark():
 
 
 @pytest.mark.parametrize("cfg", [DEFAULT, PER_THREAD], ids=lambda c: c.qk_granularity)
-@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("where", ["q", "q-inf", "k"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_nan_spreads_as_in_the_reference(where, causal, cfg):
-    """One NaN element in Q (row 100 of head 2) or K (key 300 of head 1). In the reference a row holding a
-    non-finite element gets a NaN scale and smooth K's mean skips it, so NaN reaches the Q row only, and
-    every row that sees the K row (all rows of head 1; rows 300 on when causal): the kernel must put NaN
-    exactly where the reference does, and agree with it elsewhere."""
+    """One NaN element in Q (row 100 of head 2; or an infinity there) or K (key 300 of head 1). In the
+    reference a row holding a non-finite element gets a NaN scale and smooth K's mean skips it, so NaN
+    reaches the Q row only, and every row that sees the K row (all rows of head 1; rows 300 on when
+    causal): the kernel must put NaN exactly where the reference does, and agree with it elsewhere."""
     q, k, v = (make(s, 1, 4, 512, 128) for s in (100, 101, 102))
-    if where == "q":
-        q[0, 2, 100, 5] = float("nan")
+    if where.startswith("q"):
+        q[0, 2, 100, 5] = float("inf") if where == "q-inf" else float("nan")
     else:
         k[0, 1, 300, 0] = float("nan")
     out = qa.sageattn(q, k, v, is_causal=causal, config=cfg, backend="hopper")
@@ -217,6 +217,19 @@ def test_nan_spreads_as_in_the_reference(where, causal, cfg):
     fine = ~torch.isnan(ref)
     assert torch.isfinite(out[fine]).all()
     assert rel_l1(out[fine], ref[fine]) < 0.01
+
+
+@pytest.mark.parametrize("cfg", [DEFAULT, PER_THREAD], ids=lambda c: c.qk_granularity)
+def test_lse_nan_of_rows_that_see_no_key(cfg):
+    """A Q row with a NaN or an infinity that sees no key (causal, Nq > Nk): output 0 and lse NaN, as in the
+    reference (q . k_mean of smooth K's lse is NaN); the kernel's prologue must keep such a row's raw values
+    for that sum."""
+    q, k, v = (make(s, 1, 2, n, 64) for s, n in ((110, 300), (111, 77), (112, 77)))
+    q[0, 1, 7, 0], q[0, 0, 5, 3], q[0, 0, 250, 1] = float("nan"), float("inf"), float("nan")
+    out, lse = qa.sageattn(q, k, v, is_causal=True, config=cfg, return_lse=True, backend="hopper")
+    ref, lse_ref = qa.sageattn(q, k, v, is_causal=True, config=cfg, return_lse=True, backend="reference")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isnan(lse), torch.isnan(lse_ref))
+    assert torch.isnan(lse[0, 1, 7]) and torch.isnan(lse[0, 0, 5]) and (out[0, 0, 5] == 0).all()
 
 
 # ---- what it refuses, and what auto does then ----------------------------------------------------------

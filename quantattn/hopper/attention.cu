@@ -226,56 +226,82 @@ struct QRows {
   float scale[2];     // q_scale * qk_scale per row (NaN: the row holds a non-finite element)
   float dot_kmean[2];  // q . k_mean per row (lse of smooth K)
 
+  // The prologue was a third of the instructions at 1K keys (ncu, session 11), so it is kept lean. Per
+  // element, per_token: a conversion, three quarters of an instruction for |x|'s maximum on the 16-bit bits
+  // (which also finds infinities and NaN: they order above every finite value), the scaling and rounding, and
+  // three quarters of a byte pack. per_thread finds the maximum over the finite elements in float instead.
   __device__ __forceinline__ void load(const Params& p, const T* q_head, int row0, int t, const float* k_mean) {
     float x[2][KSTEPS][8];
     float amax[2] = {0.f, 0.f};
-    int bad[2] = {0, 0};
+    bool bad[2];
+    uint32_t mbits[2] = {0u, 0u};  // per_token: max |x| bits per 16-bit half
+    float probe[2] = {0.f, 0.f};   // per_thread: v * 0 summed, NaN iff the row holds a NaN or an infinity
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int row = row0 + 8 * h;
-      dot_kmean[h] = 0.f;
+      // rows past the end read the last row (their results are never stored), so that no load is
+      // predicated and every address is one base plus a constant
+      const T* src = q_head + int64_t(min(row0 + 8 * h, p.nq - 1)) * p.q_sm + 4 * t;
 #pragma unroll
       for (int s = 0; s < KSTEPS; ++s) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int col = 32 * s + 16 * half + 4 * t;
-          float v4[4] = {0.f, 0.f, 0.f, 0.f};
-          if (row < p.nq) {
-            const uint2 raw = *reinterpret_cast<const uint2*>(q_head + row * p.q_sm + col);
-            const T* e = reinterpret_cast<const T*>(&raw);
+          const uint2 raw = *reinterpret_cast<const uint2*>(src + 32 * s + 16 * half);
+          float* v = &x[h][s][4 * half];
+          to_f32x2(T{}, raw.x, v[0], v[1]);
+          to_f32x2(T{}, raw.y, v[2], v[3]);
+          if constexpr (PER_THREAD) {
+            // the partner row shares the scale, so a non-finite element must not set it (the values stay
+            // raw: a bad row's quantized values do not matter, and q . k_mean must see its NaN)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) v4[i] = to_f32(e[i]);
-          }
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            if (k_mean != nullptr) dot_kmean[h] += v4[i] * k_mean[col + i];
-            const bool finite = is_finite(v4[i]);
-            bad[h] += finite ? 0 : 1;
-            const float f = finite ? v4[i] : 0.f;
-            amax[h] = fmaxf(amax[h], fabsf(f));
-            x[h][s][4 * half + i] = f;
+            for (int i = 0; i < 4; ++i) {
+              probe[h] = fmaf(v[i], 0.f, probe[h]);
+              amax[h] = fmaxf(amax[h], is_finite(v[i]) ? fabsf(v[i]) : 0.f);
+            }
+          } else {
+            mbits[h] = max_abs_bits2(max_abs_bits2(mbits[h], raw.x), raw.y);
           }
         }
       }
     }
+    if constexpr (!PER_THREAD) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) amax[h] = fmaxf(quad_max(amax[h]), AMAX_FLOOR);
-    if constexpr (PER_THREAD) amax[0] = amax[1] = fmaxf(amax[0], amax[1]);  // rows r and r + 8 share a scale
+      for (int h = 0; h < 2; ++h) {
+        uint32_t m = max(mbits[h] & 0xFFFFu, mbits[h] >> 16);
+        m = max(m, __shfl_xor_sync(0xFFFFFFFF, m, 1));
+        m = max(m, __shfl_xor_sync(0xFFFFFFFF, m, 2));
+        bad[h] = m >= inf_bits(T{});
+        amax[h] = fmaxf(bits_to_f32(T{}, m), AMAX_FLOOR);
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float probe_row = quad_sum(probe[h]);
+        bad[h] = probe_row != probe_row;
+        amax[h] = fmaxf(quad_max(amax[h]), AMAX_FLOOR);
+      }
+      // rows r and r + 8 share a scale; a row past the end holds no values
+      const float a0 = row0 < p.nq ? amax[0] : AMAX_FLOOR, a1 = row0 + 8 < p.nq ? amax[1] : AMAX_FLOOR;
+      amax[0] = amax[1] = fmaxf(a0, a1);
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      bad[h] = __shfl_xor_sync(0xFFFFFFFF, bad[h], 1) + bad[h];
-      bad[h] = __shfl_xor_sync(0xFFFFFFFF, bad[h], 2) + bad[h];
-      dot_kmean[h] = quad_sum(dot_kmean[h]);
+      dot_kmean[h] = 0.f;
+      if (k_mean != nullptr) {  // lse of smooth K only: q . k_mean on the raw row
+#pragma unroll
+        for (int s = 0; s < KSTEPS; ++s)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) dot_kmean[h] += x[h][s][i] * k_mean[32 * s + 16 * (i / 4) + 4 * t + i % 4];
+        dot_kmean[h] = quad_sum(dot_kmean[h]);
+      }
       const float inv = __fdiv_rn(QMAX, amax[h]);
-      scale[h] = bad[h] == 0 ? __fdiv_rn(amax[h], QMAX) * p.qk_scale : __int_as_float(0x7FC00000);
+      scale[h] = bad[h] ? __int_as_float(0x7FC00000) : __fdiv_rn(amax[h], QMAX) * p.qk_scale;
+      // |x| <= amax, so |x * inv| rounds to at most 127: no clamp (a bad row's values do not matter: its
+      // scale is NaN)
 #pragma unroll
       for (int s = 0; s < KSTEPS; ++s) {
         int qi[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float r = rintf(__fmul_rn(x[h][s][i], inv));
-          qi[i] = static_cast<int>(fminf(fmaxf(r, -QMAX), QMAX));
-        }
+        for (int i = 0; i < 8; ++i) qi[i] = __float2int_rn(__fmul_rn(x[h][s][i], inv));
         a[s][h] = pack_s8x4(qi[0], qi[1], qi[2], qi[3]);
         a[s][2 + h] = pack_s8x4(qi[4], qi[5], qi[6], qi[7]);
       }
@@ -334,15 +360,21 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
   // while the first keys arrive: V's channel factors, and Q quantized into its shared A tile
   const T* q_head = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const float* k_mean = p.k_mean != nullptr ? p.k_mean + int64_t(bh_kv) * D : nullptr;
+  // output / (448 l) <= ~476 * factor, so below FLT_MAX / 512 no finite output overflows FP32 before its
+  // saturating cast (the epilogue's fast path)
+  bool huge_factor = false;
   if (tid < D) {
     const int64_t at = int64_t(bh_kv) * D + tid;
-    sm.tail.v_factor[tid] = fmaxf(fmaxf(p.v_max[at], -p.v_min[at]), AMAX_FLOOR) * (1.f / V_RANGE);
+    const float factor = fmaxf(fmaxf(p.v_max[at], -p.v_min[at]), AMAX_FLOOR) * (1.f / V_RANGE);
+    sm.tail.v_factor[tid] = factor;
+    huge_factor = !(factor < 3.4028235e38f / 512.f);
   }
   QRows<D, T, PER_THREAD> q;
   q.load(p, q_head, r0, t, p.lse != nullptr ? k_mean : nullptr);
   store_a_fragment<D, D / 32>(sm.q, q.a, rl, t);
   fence_async_shared();
-  __syncthreads();  // Q's tile (all four warps' rows), v_factor and the barriers' initialization
+  // Q's tile (all four warps' rows), v_factor and the barriers' initialization
+  const bool huge_v = __syncthreads_or(huge_factor);
 
   constexpr int ACC = D / 2;  // accumulator registers per thread of a 64 x D product
   float o[ACC];
@@ -508,20 +540,37 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     inv_l[hh] = __frcp_rn(l[hh] > 0.f ? l[hh] : 1.f);
   }
   T* o_head = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
+  // One row at a time, so that its bounds check and address are computed once: a check per store made the
+  // epilogue a sixth of the instructions at 1K keys (ncu, session 11).
+  // V's channel factors of the thread's columns, read once for both rows (the loop's registers are free now)
+  float2 factor[D / 8];
 #pragma unroll
-  for (int cc = 0; cc < D / 8; ++cc) {
-    const int col = 8 * cc + 2 * t;
+  for (int cc = 0; cc < D / 8; ++cc) factor[cc] = *reinterpret_cast<const float2*>(&sm.tail.v_factor[8 * cc + 2 * t]);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = r0 + 8 * hh;
+    if (row >= p.nq) continue;
+    T* dst = o_head + row * p.o_sm + 2 * t;
     // l holds 448 * the row sum (P_SCALE in the exponent), which v_factor's 1 / 448 undoes
-    const float2 f = *reinterpret_cast<const float2*>(&sm.tail.v_factor[col]);
+    auto out = [&](int cc) {
+      const float2 f = factor[cc];
+      return float2{o[4 * cc + 2 * hh] * inv_l[hh] * f.x, o[4 * cc + 2 * hh + 1] * inv_l[hh] * f.y};
+    };
+    if (has_keys[hh] && !huge_v) {
+      // the saturating conversion is saturate() then the conversion, unless a product overflowed FP32 to an
+      // infinity (saturate() keeps it): impossible below huge_v's bound
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = r0 + 8 * hh;
-      if (row < p.nq) {
-        float v0 = o[4 * cc + 2 * hh] * inv_l[hh] * f.x;
-        float v1 = o[4 * cc + 2 * hh + 1] * inv_l[hh] * f.y;
-        v0 = has_keys[hh] ? saturate<T>(v0) : 0.f;
-        v1 = has_keys[hh] ? saturate<T>(v1) : 0.f;
-        *reinterpret_cast<uint32_t*>(o_head + row * p.o_sm + col) = pack2<T>(v0, v1);
+      for (int cc = 0; cc < D / 8; ++cc) {
+        const float2 v = out(cc);
+        *reinterpret_cast<uint32_t*>(dst + 8 * cc) = pack2_satfinite<T>(v.x, v.y);
+      }
+    } else {
+      // a row that sees no key stores 0 (its o can be NaN: P = 0 times a NaN in V)
+#pragma unroll
+      for (int cc = 0; cc < D / 8; ++cc) {
+        const float2 v = out(cc);
+        const float v0 = has_keys[hh] ? saturate<T>(v.x) : 0.f, v1 = has_keys[hh] ? saturate<T>(v.y) : 0.f;
+        *reinterpret_cast<uint32_t*>(dst + 8 * cc) = pack2<T>(v0, v1);
       }
     }
   }

@@ -16,16 +16,22 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
   return r;
 }
 
+// The low bytes of a, b, c, d as one word (a in the low byte): three byte permutes.
 __device__ __forceinline__ uint32_t pack_s8x4(int a, int b, int c, int d) {
-  return (uint32_t(a) & 0xFF) | ((uint32_t(b) & 0xFF) << 8) | ((uint32_t(c) & 0xFF) << 16) | (uint32_t(d) << 24);
+  uint32_t ab, cd, r;
+  asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(ab) : "r"(a), "r"(b));
+  asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(cd) : "r"(c), "r"(d));
+  asm("prmt.b32 %0, %1, %2, 0x5410;" : "=r"(r) : "r"(ab), "r"(cd));
+  return r;
 }
 
 // Eight 16-bit elements (one 16-byte load) as floats.
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
-  const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) x[i] = to_f32(e[i]);
+  to_f32x2(T{}, raw.x, x[0], x[1]);
+  to_f32x2(T{}, raw.y, x[2], x[3]);
+  to_f32x2(T{}, raw.z, x[4], x[5]);
+  to_f32x2(T{}, raw.w, x[6], x[7]);
 }
 
 __device__ __forceinline__ bool is_finite(float x) { return fabsf(x) < INFINITY; }

@@ -35,6 +35,27 @@ __device__ __forceinline__ float to_f32(f16 x) {
   return f;
 }
 
+// The two elements of a 32-bit word (lo in the low half) as floats: one instruction each.
+__device__ __forceinline__ void to_f32x2(bf16, uint32_t w, float& lo, float& hi) {
+  lo = __uint_as_float(w << 16);
+  hi = __uint_as_float(w & 0xFFFF0000u);
+}
+__device__ __forceinline__ void to_f32x2(f16, uint32_t w, float& lo, float& hi) {
+  asm("{.reg .f16 l, h;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 %0, l;\n cvt.f32.f16 %1, h;}" : "=f"(lo), "=f"(hi) : "r"(w));
+}
+
+// |x| of 16-bit floats orders as their bits with the sign cleared (infinity and NaN above every finite
+// value): the running maximum of two elements' magnitudes per 16-bit half, one LOP3 and half a VIMNMX3.
+__device__ __forceinline__ uint32_t max_abs_bits2(uint32_t m, uint32_t w) {
+  asm("max.u16x2 %0, %0, %1;" : "+r"(m) : "r"(w & 0x7FFF7FFFu));
+  return m;
+}
+// The smallest magnitude bits that are not finite, and magnitude bits as a float.
+__device__ __forceinline__ uint32_t inf_bits(bf16) { return 0x7F80u; }
+__device__ __forceinline__ uint32_t inf_bits(f16) { return 0x7C00u; }
+__device__ __forceinline__ float bits_to_f32(bf16, uint32_t m) { return __uint_as_float(m << 16); }
+__device__ __forceinline__ float bits_to_f32(f16, uint32_t m) { return to_f32(f16{uint16_t(m)}); }
+
 // Two floats rounded to nearest even into one 32-bit word of two T, lo in the low half.
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -48,6 +69,23 @@ template <>
 __device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi) {
   uint32_t r;
   asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// The same with finite values beyond T's range saturated to its largest finite value (NaN kept; an infinity
+// becomes that largest value too).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2_satfinite(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2_satfinite<bf16>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.satfinite.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <>
+__device__ __forceinline__ uint32_t pack2_satfinite<f16>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
 
