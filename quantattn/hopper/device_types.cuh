@@ -56,38 +56,26 @@ __device__ __forceinline__ uint32_t inf_bits(f16) { return 0x7C00u; }
 __device__ __forceinline__ float bits_to_f32(bf16, uint32_t m) { return __uint_as_float(m << 16); }
 __device__ __forceinline__ float bits_to_f32(f16, uint32_t m) { return to_f32(f16{uint16_t(m)}); }
 
-// Two floats rounded to nearest even into one 32-bit word of two T, lo in the low half.
+// Two floats rounded to nearest even into one 32-bit word of two T, lo in the low half. SATFINITE: finite
+// values beyond T's range become its largest finite value (so does an infinity; NaN stays NaN).
+template <bool SATFINITE>
+__device__ __forceinline__ uint32_t cvt_pack2(bf16, float lo, float hi) {
+  uint32_t r;
+  if constexpr (SATFINITE) asm("cvt.rn.satfinite.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <bool SATFINITE>
+__device__ __forceinline__ uint32_t cvt_pack2(f16, float lo, float hi) {
+  uint32_t r;
+  if constexpr (SATFINITE) asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
 template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<bf16>(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-// The same with finite values beyond T's range saturated to its largest finite value (NaN kept; an infinity
-// becomes that largest value too).
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) { return cvt_pack2<false>(T{}, lo, hi); }
 template <typename T>
-__device__ __forceinline__ uint32_t pack2_satfinite(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2_satfinite<bf16>(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.satfinite.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-template <>
-__device__ __forceinline__ uint32_t pack2_satfinite<f16>(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
+__device__ __forceinline__ uint32_t pack2_satfinite(float lo, float hi) { return cvt_pack2<true>(T{}, lo, hi); }
 
 // The largest finite value of T.
 template <typename T>
