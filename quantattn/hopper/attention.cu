@@ -226,7 +226,7 @@ struct QRows {
   float scale[2];     // q_scale * qk_scale per row (NaN: the row holds a non-finite element)
   float dot_kmean[2];  // q . k_mean per row (lse of smooth K)
 
-  // The prologue was a third of the instructions at 1K keys (ncu, session 11), so it is kept lean. Per
+  // The prologue was 23% of the instructions at 1K keys (ncu, session 11), so it is kept lean. Per
   // element, per_token: a conversion, three quarters of an instruction for |x|'s maximum on the 16-bit bits
   // (which also finds infinities and NaN: they order above every finite value), the scaling and rounding, and
   // three quarters of a byte pack. per_thread finds the maximum over the finite elements in float instead.
