@@ -472,8 +472,7 @@ __device__ __forceinline__ float ld_cluster(const float* local, uint32_t rank) {
 
 template <typename T>
 __device__ __forceinline__ void unpack2(uint32_t w, float (&x)[2]) {
-  const T* e = reinterpret_cast<const T*>(&w);
-  x[0] = to_f32(e[0]), x[1] = to_f32(e[1]);
+  to_f32x2(T{}, w, x[0], x[1]);
 }
 
 // The CTA's partial statistics -> part[0]. Threads of one half take K, of the other V; a thread holds a
