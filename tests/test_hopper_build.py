@@ -196,3 +196,26 @@ def test_a_folder_made_by_another_thread_meanwhile_is_fine(fake_compiler, monkey
     compiler.cached_cubin("k1", "attention.cu", "kernel")
     assert not compiler._warned, compiler._warned
     assert sorted(p.name for p in compiler.cache_dir().iterdir()) == ["k0.cubin", "k1.cubin"]
+
+
+def test_the_cuda_preprocessing_takes_both_granularities_of_the_attention_kernel():
+    """per_token and per_thread K scales come from the CUDA preprocessings (resident up to 2K keys, ticketed
+    beyond), each its own instantiation; granularities the Hopper kernel does not read go to Triton's, with
+    the reason. Path choice and kernel names only: no GPU needed."""
+    launch = hopper_module("quantattn.hopper.launch")
+    kernels = hopper_module("quantattn.hopper.kernels")
+    from quantattn.calls import sequences
+    from quantattn.config import QuantConfig
+
+    for n, path in ((100, "resident"), (3000, "ticket")):
+        k = torch.zeros(1, 2, n, 128, dtype=torch.bfloat16)
+        for gran in ("per_token", "per_thread"):
+            assert launch.preprocess_path(k, k, sequences(k, None, 0), QuantConfig(qk_granularity=gran)) == path
+        per_block = QuantConfig(qk_granularity="per_block")
+        assert launch.preprocess_path(k, k, sequences(k, None, 0), per_block) == "triton"
+        assert "per_block" in launch.native_preprocess_reason(k, k, sequences(k, None, 0), per_block)
+    for resident in (False, True):
+        token = kernels.preprocess_spec(128, "bf16", True, resident)
+        thread = kernels.preprocess_spec(128, "bf16", True, resident, per_thread=True)
+        assert token.name.endswith("true, false>") and thread.name.endswith("true, true>") and token.key != thread.key
+        assert {token, thread} <= set(kernels.all_specs())

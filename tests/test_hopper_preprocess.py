@@ -1,5 +1,6 @@
 """The Hopper backend's CUDA K/V preprocessings (quantattn/hopper/preprocess.cu: the resident one up to 2K
-keys, the ticketed one beyond, both tested at every shape they take) against the reference.
+keys, the ticketed one beyond, both tested at every shape they take) against the reference, with K
+scales per key ("per_token") and per key group ("per_thread").
 
 Given the statistics it computed, its INT8 K, K scales and FP8 V^T are exactly what the reference's
 formulas give (quantattn.reference.quant: IEEE divisions, round half to even, E4M3 ties to even), in the
@@ -31,6 +32,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP 
 
 DEV = "cuda"
 DEFAULT = QuantConfig()
+PER_THREAD = QuantConfig(qk_granularity="per_thread")
+GRANULARITIES = pytest.mark.parametrize("cfg", [DEFAULT, PER_THREAD], ids=lambda c: c.qk_granularity)
 POISON_INT8 = 77  # what unwritten INT8 K would hold: a valid value, so only the exact comparison catches it
 
 
@@ -73,7 +76,7 @@ def expected(k: torch.Tensor, v: torch.Tensor, kv, cfg: QuantConfig):
     from quantattn.hopper.layout import to_wgmma_order
 
     x = k.float() - (kv.k_stats[0][:, :, None, :] if cfg.smooth_k else 0.0)
-    kq, k_scale = quantize_int(x, row_group_amax(x, "per_token", "k"), cfg.qmax)
+    kq, k_scale = quantize_int(x, row_group_amax(x, cfg.qk_granularity, "k"), cfg.qmax)
     vq, _ = quantize_v_fp8(v, cfg.v_range)
     return kq, k_scale, to_wgmma_order(vq.transpose(-1, -2).to(torch.float8_e4m3fn)).float()
 
@@ -90,7 +93,7 @@ def check(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig = DEFAULT):
     seqs = L.sequences(k, None, 0)
     resident_allowed = os.environ.get("QUANTATTN_HOPPER_RESIDENT", "1") != "0"
     want = "resident" if resident_allowed and k.shape[2] <= RESIDENT_MAX_KEYS else "ticket"
-    assert launch.preprocess_path(k, v, seqs, DEFAULT) == want
+    assert launch.preprocess_path(k, v, seqs, cfg) == want
     copies = (k.clone(), v.clone())
     kv = launch.hopper_preprocess(k, v, cfg)
     b, h, n, d = k.shape
@@ -112,7 +115,8 @@ def check(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig = DEFAULT):
     assert kv.v.shape == (b, h, d, n_pad) and kv.v.dtype == torch.float8_e4m3fn
     assert same_values(kv.v.float(), vq), "FP8 V^T differs from the reference"
     # the Triton preprocessing computes the same up to rounding: its 127 / amax is not an IEEE division and
-    # its means may differ in the last bit, so that about 0.1% of INT8 K differs by one (H100: 0.11-0.13%)
+    # its means may differ in the last bit, so that about 0.1% of INT8 K differs by one (H100, per token:
+    # 0.11-0.13%); its scales group the same keys (the NaN scales included)
     tri = L.triton_preprocess_kv(k, v, cfg, seqs, wgmma_order=True)
     flips = (tri.k.float() - kv.k.float()).abs()
     assert flips.max() <= 1 and flips.gt(0).float().mean() < 1e-2
@@ -129,24 +133,29 @@ def check(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig = DEFAULT):
     ids=lambda x: str(x),
 )
 @pytest.mark.parametrize("d", [64, 128])
-def test_matches_reference(poisoned, cuda_path, b, h, n, d):
+@GRANULARITIES
+def test_matches_reference(poisoned, cuda_path, b, h, n, d, cfg):
     """One key, part of a block, several blocks, the resident preprocessing's clusters of 1, 3, 8 and
     16 CTAs (up to 2048 keys) and the first length past them, one chunk of 32 blocks per program (20000
     keys), and more heads than the ticket kernel's lag between statistics and quantization (600 heads,
     one chunk each)."""
-    check(make(n + d, b, h, n, d, outliers=True), make(n + d + 1, b, h, n, d))
+    check(make(n + d, b, h, n, d, outliers=True), make(n + d + 1, b, h, n, d), cfg)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("smooth_k", [True, False])
-def test_dtypes_and_smooth_k(poisoned, cuda_path, dtype, smooth_k):
-    k, v = make(5, 2, 4, 777, 128, dtype=dtype, outliers=True), make(6, 2, 4, 777, 128, dtype=dtype)
-    check(k, v, QuantConfig(smooth_k=smooth_k))
+@pytest.mark.parametrize("gran", ["per_token", "per_thread"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_dtypes_and_smooth_k(poisoned, cuda_path, dtype, smooth_k, gran, d):
+    k, v = make(5, 2, 4, 777, d, dtype=dtype, outliers=True), make(6, 2, 4, 777, d, dtype=dtype)
+    check(k, v, QuantConfig(smooth_k=smooth_k, qk_granularity=gran))
 
 
-def test_non_finite_elements(poisoned, cuda_path):
+@GRANULARITIES
+def test_non_finite_elements(poisoned, cuda_path, cfg):
     """NaN and +-Inf in K and V: left out of the statistics; K rows holding one get a NaN scale (their
-    finite elements are still quantized), V's non-finite elements become NaN in FP8."""
+    finite elements are still quantized, and count in their group's scale), V's non-finite elements
+    become NaN in FP8."""
     g = torch.Generator(device=DEV).manual_seed(7)
     k, v = make(8, 2, 3, 500, 128, outliers=True), make(9, 2, 3, 500, 128)
     specials = torch.tensor([math.nan, math.inf, -math.inf], device=DEV)
@@ -155,8 +164,29 @@ def test_non_finite_elements(poisoned, cuda_path):
         pick = specials[torch.randint(0, 3, t.shape, generator=g, device=DEV)]
         t.copy_(torch.where(bad, pick.to(t.dtype), t))
     k[0, 0, :, 5] = math.nan  # a channel with no finite value: centre 0, max -inf, min inf
-    kv = check(k, v)
+    kv = check(k, v, cfg)
     assert kv.k_stats[0][0, 0, 5] == 0 and torch.isnan(kv.k_scale[0, 0]).all()
+
+
+@pytest.mark.parametrize("n", [100, 1000, 2049, 5000])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_per_thread_groups(poisoned, cuda_path, n, d, dtype):
+    """per_thread's groups (16 keys 8j + 2c + e of a 64-key block) where it is easy to get them wrong: large
+    channel offsets, so that the zeros past n in a partial last block, smoothed, would dominate its
+    groups' scales if they counted; one key with a NaN and a large finite element, whose group takes that
+    element's size while the key alone gets a NaN scale; a large element in the next group down, which
+    must stay there."""
+    k, v = make(20 + n, 2, 2, n, d, dtype=dtype, bias=60.0), make(21 + n, 2, 2, n, d, dtype=dtype)
+    key = 64 + 6  # group 3 of the second block
+    k[0, 1, key, 3], k[0, 1, key, 4] = math.nan, 900.0
+    k[0, 1, key - 2, 0] = -700.0  # group 2
+    kv = check(k, v, PER_THREAD)
+    scales = kv.k_scale[0, 1]
+    assert torch.isnan(scales[key]) and torch.isfinite(scales[:key]).all() and torch.isfinite(scales[key + 1 :]).all()
+    peers = [q for p in range(key, min(n, 128), 8) for q in (p, p + 1) if q != key and q < n]  # group 3's
+    assert (scales[peers] == scales[peers[0]]).all() and scales[peers[0]] > 500 / 127
+    assert scales[key - 2] != scales[peers[0]] and scales[key - 2] > 400 / 127
 
 
 def test_strided_views_use_it_and_misaligned_ones_fall_back(cuda_path):

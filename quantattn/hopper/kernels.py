@@ -92,12 +92,14 @@ def attention_spec(d: int, causal: bool, element: str, per_thread: bool = False)
 
 
 @functools.cache
-def preprocess_spec(d: int, element: str, smooth_k: bool, resident: bool) -> Spec:
+def preprocess_spec(d: int, element: str, smooth_k: bool, resident: bool, per_thread: bool = False) -> Spec:
+    """per_thread: K scales of the "per_thread" granularity, else "per_token"."""
     kernel = "preprocess_kv_resident" if resident else "preprocess_kv"
     return Spec(
-        f"{kernel}_d{d}_{element}{'_smooth' if smooth_k else ''}",
+        f"{kernel}_d{d}_{element}{'_smooth' if smooth_k else ''}{'_per_thread' if per_thread else ''}",
         "preprocess.cu",
-        f"quantattn_hopper::prep::{kernel}<{d}, quantattn_hopper::{element}, {str(smooth_k).lower()}>",
+        f"quantattn_hopper::prep::{kernel}<{d}, quantattn_hopper::{element}, {str(smooth_k).lower()}, "
+        f"{str(per_thread).lower()}>",
         shared_bytes=resident_smem_bytes(d) if resident else 0,
         non_portable_cluster=resident,
     )
@@ -109,7 +111,8 @@ def all_specs() -> list[Spec]:
     for d in (64, 128):
         for element in ELEMENT.values():
             specs += [attention_spec(d, c, element, pt) for c in (False, True) for pt in (False, True)]
-            specs += [preprocess_spec(d, element, s, r) for s in (False, True) for r in (False, True)]
+            flags = [(s, r, pt) for s in (False, True) for r in (False, True) for pt in (False, True)]
+            specs += [preprocess_spec(d, element, s, r, pt) for s, r, pt in flags]
     return specs
 
 

@@ -51,8 +51,8 @@ def native_preprocess_reason(k: torch.Tensor, v: torch.Tensor, seqs: Sequences, 
     """Why the CUDA preprocessing cannot take K and V (it reads rows with 16-byte loads; dense calls only)."""
     if not settings.current.hopper_preprocess:
         return "QUANTATTN_HOPPER_PREPROCESS=0"
-    if cfg.qk_granularity != "per_token":
-        return "K scales per thread group are computed by Triton's preprocessing"
+    if cfg.qk_granularity not in QK_GRANULARITIES:
+        return f"K scales of granularity {cfg.qk_granularity!r} are computed by Triton's preprocessing"
     if seqs.is_varlen or seqs.has_lengths:
         return "varlen and key lengths are preprocessed by Triton"
     if k.dtype not in DTYPES or v.dtype != k.dtype or k.shape[-1] not in HEAD_DIMS:
@@ -95,12 +95,17 @@ def hopper_preprocess(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: 
         p = _preprocess_params(k, v, buf)
         p.n_chunks, p.blocks_per_chunk, p.lag = buf.n_chunks, buf.per_chunk, buf.lag
         p.part, p.sync = buf.partials.data_ptr(), buf.sync.data_ptr()
-        spec = kernels.preprocess_spec(d, kernels.ELEMENT[_dtype_name(k)], cfg.smooth_k, resident=False)
+        spec = _preprocess_spec(k, cfg, resident=False)
         device = _device_index(k)
         driver.ensure_context(device)
         grid = ((b * h + buf.lag) * buf.n_chunks, 1, 1)
         driver.launch(kernels.load(spec, device), grid, kernels.PREPROCESS_THREADS, 0, _stream(k), p)
     return buf.result(cfg, seqs)
+
+
+def _preprocess_spec(k: torch.Tensor, cfg: QuantConfig, resident: bool) -> kernels.Spec:
+    per_thread = cfg.qk_granularity == "per_thread"
+    return kernels.preprocess_spec(k.shape[-1], kernels.ELEMENT[_dtype_name(k)], cfg.smooth_k, resident, per_thread)
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -136,7 +141,7 @@ def _preprocess_params(k: torch.Tensor, v: torch.Tensor, buf: KVBuffers) -> kern
 def _preprocess_resident(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, seqs: Sequences) -> QuantizedKV | None:
     """None when the GPU cannot run the cluster this length needs (nothing was launched)."""
     b, h, n, d = k.shape
-    spec = kernels.preprocess_spec(d, kernels.ELEMENT[_dtype_name(k)], cfg.smooth_k, resident=True)
+    spec = _preprocess_spec(k, cfg, resident=True)
     cluster = cdiv(n, kernels.RESIDENT_KEYS)
     device = _device_index(k)
     if b * h and n:

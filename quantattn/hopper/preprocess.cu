@@ -1,5 +1,6 @@
 // K/V preprocessing of the Hopper backend, one launch: smooth K's statistics, INT8 K with one scale per
-// key, FP8 V^T with one scale per channel in the key order the attention kernel reads (layout.py).
+// key ("per_token") or per key group of a 64-key block ("per_thread": the PER_THREAD flag), FP8 V^T with
+// one scale per channel in the key order the attention kernel reads (layout.py).
 // Two kernels compute it: preprocess_kv_resident (below) for heads of up to 2048 keys, and for longer
 // ones the ticketed preprocess_kv described here.
 //
@@ -245,17 +246,12 @@ __device__ __forceinline__ void chunk_statistics(const Params& p, Shared<D>& sm,
   }
 }
 
-// K quantization of one row's 8 channels held by this thread, the row's VECS lanes consecutive in the
-// warp: INT8 after subtracting smooth K's vector, one scale per row (NaN where the row holds a
-// non-finite element; its finite elements are still quantized). Stores where in_range; the scale where
-// scale is not null (one lane of the row).
-template <int VECS, typename T>
-__device__ __forceinline__ void quantize_k_vector(const uint4& raw, const float (&mean)[8], bool in_range, int8_t* dst,
-                                                  float* scale) {
-  float x[8];
+// One row's 8 channels held by this thread minus smooth K's vector, in x, with non-finite results as 0 (they
+// must not set a scale); amax becomes the largest |x| it had seen. Returns whether raw held a non-finite element.
+template <typename T>
+__device__ __forceinline__ int smooth_k_vector(const uint4& raw, const float (&mean)[8], float (&x)[8], float& amax) {
   unpack8<T>(raw, x);
   int bad = 0;
-  float amax = 0.f;
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
     bad |= is_finite(x[e]) ? 0 : 1;
@@ -263,6 +259,31 @@ __device__ __forceinline__ void quantize_k_vector(const uint4& raw, const float 
     x[e] = is_finite(s) ? s : 0.f;
     amax = fmaxf(amax, fabsf(x[e]));
   }
+  return bad;
+}
+
+// x * inv rounded half to even, clamped to INT8's +-127
+__device__ __forceinline__ void round_to_int8(const float (&x)[8], float inv, int (&qi)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) qi[e] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(x[e], inv)), -QMAX), QMAX));
+}
+__device__ __forceinline__ uint2 pack_s8x8(const int (&qi)[8]) {
+  return make_uint2(pack_s8x4(qi[0], qi[1], qi[2], qi[3]), pack_s8x4(qi[4], qi[5], qi[6], qi[7]));
+}
+
+// The scale of a key holding a non-finite element (its finite elements are still quantized)
+__device__ __forceinline__ float nan_scale() { return __int_as_float(0x7FC00000); }
+__device__ __forceinline__ float k_scale_of(float amax, bool bad) { return bad ? nan_scale() : __fdiv_rn(amax, QMAX); }
+
+// "per_token" K quantization of one row's 8 channels held by this thread, the row's VECS lanes consecutive
+// in the warp: INT8 after subtracting smooth K's vector, one scale per row. Stores where in_range; the
+// scale where scale is not null (one lane of the row).
+template <int VECS, typename T>
+__device__ __forceinline__ void quantize_k_vector(const uint4& raw, const float (&mean)[8], bool in_range, int8_t* dst,
+                                                  float* scale) {
+  float x[8];
+  float amax = 0.f;
+  int bad = smooth_k_vector<T>(raw, mean, x, amax);
 #pragma unroll
   for (int off = VECS / 2; off > 0; off /= 2) {
     amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFF, amax, off));
@@ -271,12 +292,82 @@ __device__ __forceinline__ void quantize_k_vector(const uint4& raw, const float 
   amax = fmaxf(amax, AMAX_FLOOR);
   const float inv = __fdiv_rn(QMAX, amax);
   int qi[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) qi[e] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(x[e], inv)), -QMAX), QMAX));
+  round_to_int8(x, inv, qi);
   if (in_range) {
-    *reinterpret_cast<uint2*>(dst) =
-        make_uint2(pack_s8x4(qi[0], qi[1], qi[2], qi[3]), pack_s8x4(qi[4], qi[5], qi[6], qi[7]));
-    if (scale != nullptr) *scale = bad ? __int_as_float(0x7FC00000) : __fdiv_rn(amax, QMAX);
+    *reinterpret_cast<uint2*>(dst) = pack_s8x8(qi);
+    if (scale != nullptr) *scale = k_scale_of(amax, bad);
+  }
+}
+
+// raw, as a value the compiler cannot know: what was computed from raw before is computed again from it,
+// not kept in registers (per_thread K would otherwise hold 32 smoothed floats across its barrier, and spill).
+__device__ __forceinline__ uint4 opaque(uint4 raw) {
+  asm volatile("" : "+r"(raw.x), "+r"(raw.y), "+r"(raw.z), "+r"(raw.w));
+  return raw;
+}
+
+// "per_thread" K quantization (reference/quant.py row_group_amax): key 8j + 2c + e of a 64-key block takes
+// the scale of group c, the largest |x| over the block's 16 keys with (key mod 8) div 2 == c, which are the
+// keys whose scores one thread of the attention kernel's wgmma holds (it applies one K scale per group).
+// Keys past `end` are in no group's maximum; a key holding a non-finite element gets a NaN scale.
+//
+// This thread (r, kc) = (tid / VECS, tid % VECS) holds channels 8kc..8kc+7 of rows first_row + i * ROWS + r,
+// i < LOADS, raw_row(i) giving them (both K layouts of this file). first_row is a multiple of 64 and ROWS one
+// of 8, so all its rows are in group (r mod 8) / 2, load i in block i * ROWS / 64. A group's rows of a block
+// are ROWS / 8 row pairs r / 2 = group + 4j, each on 2 * VECS consecutive lanes (d128: the whole of warps c and
+// c + 4; d64: one half of warps c / 2, c / 2 + 2, ...): lanes combine within a pair, shared memory across.
+// Two phases, since no row can be quantized before its group's maximum is known: the maxima, then the rows
+// smoothed again from raw and quantized. A barrier must separate two calls (the next call's writes to the
+// pair maxima from this one's reads).
+template <int VECS, int LOADS, typename T, typename RawRow>
+__device__ __forceinline__ void quantize_k_rows_per_thread(RawRow raw_row, const float (&mean)[8], int first_row,
+                                                           int end, int8_t* kq, float* k_scale) {
+  constexpr int D = 8 * VECS, ROWS = THREADS / VECS, PAIRS = ROWS / 2, BLOCKS = LOADS * ROWS / BLOCK;
+  static_assert(ROWS % 8 == 0 && LOADS * ROWS % BLOCK == 0, "a thread's rows must cover whole 64-key blocks");
+  __shared__ float pair_max[BLOCKS][PAIRS];
+  const int tid = threadIdx.x, r = tid / VECS, kc = tid % VECS;
+  float amax[BLOCKS];  // per block: the maximum of this thread's rows, then of its row pair's
+  uint32_t bad = 0;    // bit i: row i holds a non-finite element
+#pragma unroll
+  for (int b = 0; b < BLOCKS; ++b) amax[b] = 0.f;
+#pragma unroll
+  for (int i = 0; i < LOADS; ++i) {
+    float x[8], a = 0.f;
+    bad |= uint32_t(smooth_k_vector<T>(raw_row(i), mean, x, a)) << i;
+    if (first_row + i * ROWS + r < end) amax[i * ROWS / BLOCK] = fmaxf(amax[i * ROWS / BLOCK], a);
+  }
+#pragma unroll
+  for (int off = 1; off <= VECS; off *= 2) {  // the row pair's lanes
+#pragma unroll
+    for (int b = 0; b < BLOCKS; ++b) amax[b] = fmaxf(amax[b], __shfl_xor_sync(0xFFFFFFFF, amax[b], off));
+  }
+#pragma unroll
+  for (int off = 1; off < VECS; off *= 2) bad |= __shfl_xor_sync(0xFFFFFFFF, bad, off);  // the row's lanes
+  if (tid % (2 * VECS) == 0) {
+#pragma unroll
+    for (int b = 0; b < BLOCKS; ++b) pair_max[b][r / 2] = amax[b];
+  }
+  __syncthreads();
+  const int group = (r / 2) % 4;
+#pragma unroll
+  for (int b = 0; b < BLOCKS; ++b) {  // block by block: one block's inverse and scale live at a time
+    float m = pair_max[b][group];
+#pragma unroll
+    for (int j = 1; j < PAIRS / 4; ++j) m = fmaxf(m, pair_max[b][group + 4 * j]);
+    m = fmaxf(m, AMAX_FLOOR);
+    const float inv = __fdiv_rn(QMAX, m), scale = __fdiv_rn(m, QMAX);
+#pragma unroll
+    for (int i = b * LOADS / BLOCKS; i < (b + 1) * LOADS / BLOCKS; ++i) {
+      const int row = first_row + i * ROWS + r;
+      float x[8], unused = 0.f;
+      smooth_k_vector<T>(opaque(raw_row(i)), mean, x, unused);
+      int qi[8];
+      round_to_int8(x, inv, qi);
+      if (row < end) {
+        *reinterpret_cast<uint2*>(kq + int64_t(row) * D) = pack_s8x8(qi);
+        if (kc == 0) k_scale[row] = (bad >> i) & 1 ? nan_scale() : scale;
+      }
+    }
   }
 }
 
@@ -288,12 +379,13 @@ __device__ __forceinline__ float v_scaled(float x, float factor) {
 
 // Quantization of one chunk of a head whose statistics are complete, V_GROUPS 64-key blocks at a time,
 // the loads of K and V for a group issued together (they come from L2: the statistics read them).
-//   K: INT8 with one scale per key, after subtracting smooth K's vector (thread layout of the statistics).
+//   K: INT8 after subtracting smooth K's vector (thread layout of the statistics), one scale per key or
+//   (PER_THREAD) per key group of a 64-key block.
 //   V: V * (448 / amax of its channel) in E4M3, transposed to [D][keys] with the keys of each 32-key
 //   chunk in the attention kernel's order (quantattn/hopper/layout.py: position 16h + 4t + 2a + b holds
 //   key 16h + 8a + 2t + b), keys n .. n_pad as zeros. A thread converts the four keys of one 4-byte word
 //   for its 8 channels; the words go through a shared tile and leave in 16-byte runs of keys.
-template <int D, typename T, bool SMOOTH_K>
+template <int D, typename T, bool SMOOTH_K, bool PER_THREAD>
 struct ChunkQuantizer {
   using L = Layout<D>;
   static constexpr int K_LOADS = L::V_GROUPS * L::PASSES;  // K rows per thread and group
@@ -353,9 +445,15 @@ struct ChunkQuantizer {
     for (int i = 0; i < 4; ++i) vraw[i] = load_row(vb, first_row + vg * BLOCK + v_key(i), chunk_end, p.v_sn, 8 * vc);
   }
 
+  // (PER_THREAD: v_words' barriers separate one group's reads of the pair maxima from the next one's writes)
   __device__ __forceinline__ void quantize(int first_row) {
+    if constexpr (PER_THREAD) {
+      quantize_k_rows_per_thread<L::VECS, K_LOADS, T>([&](int i) { return kraw[i]; }, mean, first_row, chunk_end, kq,
+                                                      k_scale);
+    } else {
 #pragma unroll
-    for (int i = 0; i < K_LOADS; ++i) k_row(kraw[i], first_row + i * L::ROWS + kr);
+      for (int i = 0; i < K_LOADS; ++i) k_row(kraw[i], first_row + i * L::ROWS + kr);
+    }
     v_words(vraw, first_row);
   }
 
@@ -394,7 +492,7 @@ struct ChunkQuantizer {
   }
 };
 
-template <int D, typename T, bool SMOOTH_K>
+template <int D, typename T, bool SMOOTH_K, bool PER_THREAD>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) preprocess_kv(const __grid_constant__ Params p) {
   __shared__ Shared<D> sm;
   if (threadIdx.x == 0) sm.ticket = atomicAdd(p.sync, 1);
@@ -405,7 +503,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) preprocess_kv(const __gri
 
   const int qhead = head - p.lag;
   if (qhead < 0) return;
-  ChunkQuantizer<D, T, SMOOTH_K> quantizer(p, sm, qhead, chunk);
+  ChunkQuantizer<D, T, SMOOTH_K, PER_THREAD> quantizer(p, sm, qhead, chunk);
   quantizer.load(quantizer.row0);
   if (threadIdx.x == 0) {
     while (ld_volatile(p.sync + 1 + qhead) <= p.n_chunks) __nanosleep(100);
@@ -562,7 +660,7 @@ __device__ __forceinline__ void resident_v_chunk(const ResidentSmem<D>& sm, int 
   d1[1] = make_uint4(w1[4], w1[5], w1[6], w1[7]);
 }
 
-template <int D, typename T, bool SMOOTH_K>
+template <int D, typename T, bool SMOOTH_K, bool PER_THREAD>
 __global__ void __launch_bounds__(THREADS, RESIDENT_CTAS_PER_SM) preprocess_kv_resident(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   ResidentSmem<D>& sm = *reinterpret_cast<ResidentSmem<D>*>(smem_raw);
@@ -624,11 +722,16 @@ __global__ void __launch_bounds__(THREADS, RESIDENT_CTAS_PER_SM) preprocess_kv_r
     for (int e = 0; e < 8; ++e) mean[e] = sm.mean[8 * c + e];
     int8_t* kq = p.kq + (int64_t(head) * p.n + key0) * D + 8 * c;
     float* ks = p.k_scale + int64_t(head) * p.ks_stride + key0;
+    if constexpr (PER_THREAD) {  // the rows read twice from shared memory rather than held in registers
+      quantize_k_rows_per_thread<VECS, RESIDENT_KEYS / ROWS, T>(
+          [&](int i) { return *reinterpret_cast<const uint4*>(&sm.k[i * ROWS + r][4 * c]); }, mean, 0, keys, kq, ks);
+    } else {
 #pragma unroll
-    for (int i = 0; i < RESIDENT_KEYS / ROWS; ++i) {
-      const int row = i * ROWS + r;
-      const uint4 raw = *reinterpret_cast<const uint4*>(&sm.k[row][4 * c]);
-      quantize_k_vector<VECS, T>(raw, mean, row < keys, kq + int64_t(row) * D, c == 0 ? ks + row : nullptr);
+      for (int i = 0; i < RESIDENT_KEYS / ROWS; ++i) {
+        const int row = i * ROWS + r;
+        const uint4 raw = *reinterpret_cast<const uint4*>(&sm.k[row][4 * c]);
+        quantize_k_vector<VECS, T>(raw, mean, row < keys, kq + int64_t(row) * D, c == 0 ? ks + row : nullptr);
+      }
     }
   }
   {  // V^T: a warp takes a 32-key chunk of 64 channels, a lane a channel pair
