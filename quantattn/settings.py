@@ -15,6 +15,8 @@ Implementation paths (same numerics specification; debugging and A/B runs):
   QUANTATTN_HOPPER_PREPROCESS=0  the Hopper backend preprocesses K/V with Triton's kernel (differs from the
                                  CUDA one by rounding only: tests/test_hopper_preprocess.py)
   QUANTATTN_HOPPER_RESIDENT=0    no resident (cluster) CUDA preprocessing: the ticketed one for every length
+  QUANTATTN_HOPPER_OVERLAP=0     the Hopper attention kernel starts after the CUDA preprocessing has ended,
+                                 not while it ends (programmatic dependent launch)
   QUANTATTN_DIRECT_LAUNCH=0      every Triton launch goes through Triton's own front door (slower host path)
   QUANTATTN_EXACT_CASTS=1        FP8/BF16 rounding in integer arithmetic on the GPU too (same values, slower)
   QUANTATTN_SPLIT_HEAD_DIM=0     one padded channel slab instead of two for head dims like 80 or 160 (bit
@@ -64,6 +66,7 @@ class Settings:
     nvrtc: str | None = None
     hopper_preprocess: bool = True
     hopper_resident: bool = True
+    hopper_overlap: bool = True
     direct_launch: bool = True
     exact_casts: bool = False
     split_head_dim: bool = True
@@ -82,6 +85,7 @@ class Settings:
             nvrtc=env.get("QUANTATTN_NVRTC") or None,
             hopper_preprocess=_flag(env, "QUANTATTN_HOPPER_PREPROCESS", True),
             hopper_resident=_flag(env, "QUANTATTN_HOPPER_RESIDENT", True),
+            hopper_overlap=_flag(env, "QUANTATTN_HOPPER_OVERLAP", True),
             direct_launch=_flag(env, "QUANTATTN_DIRECT_LAUNCH", True),
             exact_casts=_flag(env, "QUANTATTN_EXACT_CASTS", False),
             split_head_dim=_flag(env, "QUANTATTN_SPLIT_HEAD_DIM", True),

@@ -194,6 +194,40 @@ def test_kernel_only_entry_points_used_by_the_benchmark():
     assert all(torch.equal(a, b) for a, b in zip(copies, (q, k, v), strict=True))
 
 
+def overlapped_and_serial(q, k, v, cfg, causal, monkeypatch):
+    """(out, lse) of the whole call with the attention kernel launched to overlap the preprocessing's end,
+    then with the two kernels one after the other; asserts the overlapped launch happened."""
+    from quantattn.hopper import driver
+
+    launches, resident = [], []
+    real_overlapped, real_cluster = driver.launch_after_prior_grid, driver.launch_cluster
+    monkeypatch.setattr(driver, "launch_after_prior_grid", lambda *a: launches.append(a) or real_overlapped(*a))
+    monkeypatch.setattr(driver, "launch_cluster", lambda *a: resident.append(a) or real_cluster(*a))
+    overlapped = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, config=cfg, backend="hopper")
+    # the resident preprocessing (a cluster launch) and only it is overlapped; 8-CTA clusters always fit
+    assert len(launches) == len(resident) and (resident or k.shape[2] > 1024)
+    monkeypatch.setattr(settings, "current", settings.current.replace(hopper_overlap=False))
+    serial = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, config=cfg, backend="hopper")
+    assert len(launches) == len(resident) // 2
+    return overlapped, serial
+
+
+@pytest.mark.parametrize("cfg", [DEFAULT, PER_THREAD], ids=lambda c: c.qk_granularity)
+@pytest.mark.parametrize("n,d", [(1000, 128), (2048, 64), (5000, 128)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_overlapped_launch_reads_keys_after_the_preprocessing(n, d, causal, cfg, poison_empty, monkeypatch):
+    """The attention kernel launched to start while the K/V preprocessing ends (programmatic dependent
+    launch) reads the preprocessing's output (K, V, the scales, smooth K's vector for lse) only after it
+    has ended: bit for bit the result of the two kernels one after the other. Every buffer is NaN-filled
+    when allocated, so a read before the preprocessing's write would show as NaN; with one KV head, the
+    attention kernel's first CTAs read what the preprocessing writes last. (5000 keys take the ticketed
+    preprocessing, after which the launch does not overlap: the two results must still agree.)"""
+    q, k, v = inputs(95, 1, 2, 1, n, n, d)
+    (out, lse), (want, want_lse) = overlapped_and_serial(q, k, v, cfg, causal, monkeypatch)
+    assert torch.isfinite(want).all() and torch.isfinite(want_lse).all()
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
 # ---- non-finite inputs: where the reference puts NaN, and nowhere else ---------------------------------
 
 

@@ -26,6 +26,7 @@ def test_defaults():
         ({"QUANTATTN_AUTO_SDPA": "0"}, "auto_sdpa", False),
         ({"QUANTATTN_HOPPER_PREPROCESS": "0"}, "hopper_preprocess", False),
         ({"QUANTATTN_HOPPER_RESIDENT": "0"}, "hopper_resident", False),
+        ({"QUANTATTN_HOPPER_OVERLAP": "0"}, "hopper_overlap", False),
         ({"QUANTATTN_DIRECT_LAUNCH": "0"}, "direct_launch", False),
         ({"QUANTATTN_EXACT_CASTS": "1"}, "exact_casts", True),
         ({"QUANTATTN_EXACT_CASTS": "yes"}, "exact_casts", False),  # on by "1" only, as before

@@ -51,6 +51,7 @@ struct Params {
   int hq, hkv, nq, nk;
   float qk_scale;  // sm_scale * log2(e)
   float sm_scale;
+  int overlap;  // launched to overlap the K/V preprocessing's end (launch.py): K/V are read after Q
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -348,20 +349,34 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     tma_load_3d(sm.v[s], &p.tm_v, &sm.tail.full[s], j * BLOCK_N, 0, bh_kv);
     tma_load_2d(sm.tail.ks[s], &p.tm_ks, &sm.tail.full[s], j * BLOCK_N, bh_kv);
   };
+  // Launched to overlap the preprocessing (p.overlap), the kernel may start before the K/V it reads are
+  // written: Q, which the preprocessing does not touch, is quantized first, and everything else waits.
+  // Otherwise the first keys are requested first, so that they arrive while Q is quantized.
+  const bool keys_first = !p.overlap;
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&sm.tail.full[s], 1);
       mbar_init(&sm.tail.empty[s], THREADS / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int s = 0; s < STAGES && s < n_blocks; ++s) load_stage(s, s);
+    if (keys_first) {
+      for (int s = 0; s < STAGES && s < n_blocks; ++s) load_stage(s, s);
+    }
   }
 
-  // while the first keys arrive: V's channel factors, and Q quantized into its shared A tile
   const T* q_head = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const float* k_mean = p.k_mean != nullptr ? p.k_mean + int64_t(bh_kv) * D : nullptr;
-  // output / (448 l) <= ~476 * factor, so below FLT_MAX / 512 no finite output overflows FP32 before its
-  // saturating cast (the epilogue's fast path)
+  const float* k_mean = p.lse != nullptr && p.k_mean != nullptr ? p.k_mean + int64_t(bh_kv) * D : nullptr;
+  if (k_mean != nullptr) wait_for_prior_grid();  // q . k_mean reads the preprocessing's output
+  QRows<D, T, PER_THREAD> q;
+  q.load(p, q_head, r0, t, k_mean);
+  store_a_fragment<D, D / 32>(sm.q, q.a, rl, t);
+  fence_async_shared();
+  wait_for_prior_grid();
+  if (tid == 0 && !keys_first) {
+    for (int s = 0; s < STAGES && s < n_blocks; ++s) load_stage(s, s);
+  }
+  // V's channel factors. output / (448 l) <= ~476 * factor, so below FLT_MAX / 512 no finite output
+  // overflows FP32 before its saturating cast (the epilogue's fast path)
   bool huge_factor = false;
   if (tid < D) {
     const int64_t at = int64_t(bh_kv) * D + tid;
@@ -369,10 +384,6 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     sm.tail.v_factor[tid] = factor;
     huge_factor = !(factor < 3.4028235e38f / 512.f);
   }
-  QRows<D, T, PER_THREAD> q;
-  q.load(p, q_head, r0, t, p.lse != nullptr ? k_mean : nullptr);
-  store_a_fragment<D, D / 32>(sm.q, q.a, rl, t);
-  fence_async_shared();
   // Q's tile (all four warps' rows), v_factor and the barriers' initialization
   const bool huge_v = __syncthreads_or(huge_factor);
 

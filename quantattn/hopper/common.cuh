@@ -36,6 +36,13 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
 
 __device__ __forceinline__ bool is_finite(float x) { return fabsf(x) < INFINITY; }
 
+// Programmatic dependent launch: a kernel launched with it (driver.launch's after_prior_grid) may start
+// while the kernel before it in the stream still runs, once every CTA of that one has allowed it or
+// ended. The wait returns when that kernel has ended and its writes are visible (at once for a kernel
+// launched without it).
+__device__ __forceinline__ void allow_dependent_grid() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void wait_for_prior_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

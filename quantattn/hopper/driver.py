@@ -17,6 +17,7 @@ CUresult = ctypes.c_int
 FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
 LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 # CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion
 TENSOR_MAP_UINT8 = 0
 TENSOR_MAP_FLOAT32 = 7
@@ -29,7 +30,8 @@ class DriverError(RuntimeError):
 
 
 class LaunchAttribute(ctypes.Structure):
-    # CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte union; only clusterDim is used
+    # CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte union, of which clusterDim (x, y, z) and
+    # programmaticStreamSerializationAllowed (x) are used
     _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("x", ctypes.c_uint), ("y", ctypes.c_uint),
                 ("z", ctypes.c_uint), ("rest", ctypes.c_char * 52)]  # fmt: skip
 
@@ -123,15 +125,32 @@ def launch(kernel: int, grid: tuple[int, int, int], threads: int, shared_bytes: 
 
 
 @functools.lru_cache(maxsize=64)
-def cluster_config(grid: int, threads: int, shared_bytes: int, stream: int | None, cluster: int):
-    """The launch configuration of a 1-D grid in clusters of `cluster` CTAs (built once per shape and
-    stream: the driver reads it at each launch and keeps nothing)."""
-    attr = LaunchAttribute(id=LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, x=cluster, y=1, z=1)
+def _config(grid: tuple[int, int, int], threads: int, shared_bytes: int, stream: int | None, attr_id: int, x: int):
+    """A launch configuration with one attribute (built once per shape and stream: the driver reads it at
+    each launch and keeps nothing)."""
+    attr = LaunchAttribute(id=attr_id, x=x, y=1, z=1)
     cfg = LaunchConfig(shared_bytes=shared_bytes, stream=stream, attrs=ctypes.pointer(attr), num_attrs=1)
-    cfg.grid[:] = (grid, 1, 1)
+    cfg.grid[:] = grid
     cfg.block[:] = (threads, 1, 1)
     cfg._attr = attr  # kept alive with cfg
     return cfg
+
+
+def cluster_config(grid: int, threads: int, shared_bytes: int, stream: int | None, cluster: int):
+    """The launch configuration of a 1-D grid in clusters of `cluster` CTAs."""
+    return _config((grid, 1, 1), threads, shared_bytes, stream, LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, cluster)
+
+
+def launch_after_prior_grid(
+    kernel: int, grid: tuple[int, int, int], threads: int, shared_bytes: int, stream: int, params
+) -> None:
+    """A launch that may start before the kernel before it in the stream has ended (programmatic dependent
+    launch): once every CTA of that kernel has executed `griddepcontrol.launch_dependents` or ended. The
+    kernel must execute `griddepcontrol.wait` before it reads what that kernel writes, and before it
+    writes anything (common.cuh: wait_for_prior_grid)."""
+    cfg = _config(grid, threads, shared_bytes, stream, LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1)
+    args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+    check(cuda().cuLaunchKernelEx(ctypes.byref(cfg), kernel, args, None), "cuLaunchKernelEx")
 
 
 def launch_cluster(kernel: int, grid: int, threads: int, shared_bytes: int, stream: int, cluster: int, params) -> None:

@@ -42,7 +42,7 @@ _I64, _I32, _F32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.
 
 
 class AttentionParams(ctypes.Structure):
-    """attention.cu's Params (576 bytes: 520 of fields, padded to the tensor maps' 64-byte alignment)."""
+    """attention.cu's Params (576 bytes: 524 of fields, padded to the tensor maps' 64-byte alignment)."""
 
     _fields_ = [
         ("tm_k", TensorMap), ("tm_v", TensorMap), ("tm_ks", TensorMap),
@@ -51,8 +51,8 @@ class AttentionParams(ctypes.Structure):
         ("lse", _PTR), ("l_sb", _I64), ("l_sh", _I64),
         ("k_mean", _PTR), ("v_max", _PTR), ("v_min", _PTR),
         ("hq", _I32), ("hkv", _I32), ("nq", _I32), ("nk", _I32),
-        ("qk_scale", _F32), ("sm_scale", _F32),
-        ("_pad", ctypes.c_char * 56),
+        ("qk_scale", _F32), ("sm_scale", _F32), ("overlap", _I32),
+        ("_pad", ctypes.c_char * 52),
     ]  # fmt: skip
 
 

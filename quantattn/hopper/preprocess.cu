@@ -664,6 +664,7 @@ template <int D, typename T, bool SMOOTH_K, bool PER_THREAD>
 __global__ void __launch_bounds__(THREADS, RESIDENT_CTAS_PER_SM) preprocess_kv_resident(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   ResidentSmem<D>& sm = *reinterpret_cast<ResidentSmem<D>*>(smem_raw);
+  allow_dependent_grid();  // the attention kernel's CTAs take the SMs this launch's last clusters leave
   constexpr int VECS = D / 8;
   const int tid = threadIdx.x;
   const uint32_t rank = cluster_rank(), n_ranks = cluster_size();
