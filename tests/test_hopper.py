@@ -228,6 +228,27 @@ def test_overlapped_launch_reads_keys_after_the_preprocessing(n, d, causal, cfg,
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
 
 
+def test_a_refused_overlapped_launch_falls_back_once(monkeypatch, caplog):
+    """A driver that refuses the overlapped launch gets the ordinary one, the same result, one warning, and
+    no further attempts in the process."""
+    from quantattn.hopper import driver, launch
+
+    q, k, v = inputs(96, 1, 4, 4, 1000, 1000, 128)
+    want = qa.sageattn(q, k, v, backend="hopper", config=DEFAULT)
+    attempts = []
+
+    def refuse(*args):
+        attempts.append(args)
+        raise driver.DriverError("cuLaunchKernelEx failed: operation not supported (801)")
+
+    monkeypatch.setattr(driver, "launch_after_prior_grid", refuse)
+    monkeypatch.setattr(launch, "_overlap", launch._Overlap())
+    with caplog.at_level("WARNING", logger="quantattn"):
+        outs = [qa.sageattn(q, k, v, backend="hopper", config=DEFAULT) for _ in range(2)]
+    assert len(attempts) == 1 and all(torch.equal(out, want) for out in outs)
+    assert sum("refused the overlapped launch" in r.getMessage() for r in caplog.records) == 1
+
+
 # ---- non-finite inputs: where the reference puts NaN, and nowhere else ---------------------------------
 
 

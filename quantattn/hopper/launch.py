@@ -5,6 +5,7 @@ synchronization, no tensor ops besides the buffers."""
 from __future__ import annotations
 
 import ctypes
+import logging
 
 import torch
 
@@ -12,6 +13,8 @@ from quantattn import settings
 from quantattn.calls import LAG_CHUNKS, MAX_CHUNKS, KVBuffers, QuantizedKV, Sequences, cdiv, kv_buffers, sequences
 from quantattn.config import LOG2E, QuantConfig
 from quantattn.hopper import driver, kernels
+
+logger = logging.getLogger("quantattn")
 
 HEAD_DIMS = (64, 128)
 # CUDA preprocessing: at most MAX_CHUNKS chunks per (batch, kv head) (the Triton kernel's number: the same
@@ -207,11 +210,34 @@ def hopper_attention(
     driver.ensure_context(device)
     grid = (cdiv(nq, kernels.ATTENTION_BLOCK_M), b * hq, 1)
     kernel, stream = kernels.load(spec, device), _stream(q)
-    if after_preprocessing and settings.current.hopper_overlap:
+    if after_preprocessing and settings.current.hopper_overlap and _overlap.usable:
         p.overlap = 1
-        driver.launch_after_prior_grid(kernel, grid, kernels.ATTENTION_THREADS, spec.shared_bytes, stream, p)
-    else:
-        driver.launch(kernel, grid, kernels.ATTENTION_THREADS, spec.shared_bytes, stream, p)
+        try:
+            driver.launch_after_prior_grid(kernel, grid, kernels.ATTENTION_THREADS, spec.shared_bytes, stream, p)
+            return
+        except driver.DriverError as exc:  # nothing was launched: the ordinary launch below runs instead
+            _overlap.refused(exc)
+        p.overlap = 0
+    driver.launch(kernel, grid, kernels.ATTENTION_THREADS, spec.shared_bytes, stream, p)
+
+
+class _Overlap:
+    """Whether this process still asks for the overlapped launch: a driver that refuses it once (say, during
+    a stream capture it cannot put in a graph) gets the ordinary launch from then on, with one warning."""
+
+    usable = True
+
+    def refused(self, exc: Exception) -> None:
+        if self.usable:
+            self.usable = False
+            logger.warning(
+                "quantattn: the driver refused the overlapped launch of the Hopper attention kernel (%s); "
+                "launching it after the K/V preprocessing from now on",
+                exc,
+            )
+
+
+_overlap = _Overlap()
 
 
 _MAPS = {name: getattr(kernels.AttentionParams, name).offset for name in ("tm_k", "tm_v", "tm_ks")}
