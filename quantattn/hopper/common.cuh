@@ -36,7 +36,7 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
 
 __device__ __forceinline__ bool is_finite(float x) { return fabsf(x) < INFINITY; }
 
-// Programmatic dependent launch: a kernel launched with it (driver.launch's after_prior_grid) may start
+// Programmatic dependent launch: a kernel launched with it (driver.launch_after_prior_grid) may start
 // while the kernel before it in the stream still runs, once every CTA of that one has allowed it or
 // ended. The wait returns when that kernel has ended and its writes are visible (at once for a kernel
 // launched without it).
