@@ -149,13 +149,16 @@ def launch_after_prior_grid(
     kernel must execute `griddepcontrol.wait` before it reads what that kernel writes, and before it
     writes anything (common.cuh: wait_for_prior_grid)."""
     cfg = _config(grid, threads, shared_bytes, stream, LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1)
-    args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-    check(cuda().cuLaunchKernelEx(ctypes.byref(cfg), kernel, args, None), "cuLaunchKernelEx")
+    _launch_ex(cfg, kernel, params)
 
 
 def launch_cluster(kernel: int, grid: int, threads: int, shared_bytes: int, stream: int, cluster: int, params) -> None:
     """A 1-D launch in clusters of `cluster` CTAs."""
-    cfg = cluster_config(grid, threads, shared_bytes, stream, cluster)
+    _launch_ex(cluster_config(grid, threads, shared_bytes, stream, cluster), kernel, params)
+
+
+def _launch_ex(cfg: LaunchConfig, kernel: int, params) -> None:
+    """cuLaunchKernelEx with a configuration from _config and the kernel's one parameter struct."""
     args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
     check(cuda().cuLaunchKernelEx(ctypes.byref(cfg), kernel, args, None), "cuLaunchKernelEx")
 
