@@ -393,6 +393,7 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
   for (int i = 0; i < ACC; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_part[2] = {0.f, 0.f};  // this thread's share of the row sums (reduced over the quad at the end)
+  bool poisoned[2] = {false, false};  // PER_THREAD: the row sees a key with a non-finite element
 
   // Descriptors of the first tiles; a stage or 32-byte k step is an offset in 16-byte units added to the
   // address field (shared addresses stay below 2^18, so it never carries into the rest).
@@ -419,11 +420,10 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     // scores in exp2 units without q_scale: s = qk * k_scale (q_scale > 0 commutes with the row max).
     // PER_THREAD: s = qk, and group[g] the K scale of the thread's keys in 64-key half g. A key with a
     // non-finite element has a NaN scale (the preprocessing marks it); in the reference NaN then reaches
-    // every row that sees that key, so here those rows' exponents are made NaN (poison), and the fold
-    // skips the mark.
+    // every row that sees that key. Here such a row is marked (poisoned) and the epilogue makes it NaN:
+    // made NaN here, through the exponent, the test would sit on every block's softmax chain.
     float sc[64];
     float group[2] = {1.f, 1.f};
-    bool poison[2] = {false, false};
     if constexpr (PER_THREAD) {
       const float g0 = sm.tail.ks[s][2 * t], g1 = sm.tail.ks[s][64 + 2 * t];
       // a group past the last key reads TMA's zero fill: any positive factor keeps its -inf scores -inf
@@ -432,11 +432,12 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
 #pragma unroll
       for (int i = 0; i < 64; ++i) sc[i] = __int2float_rn(acc_s[i]);
       const float4 k4 = *reinterpret_cast<const float4*>(&sm.tail.ks[s][4 * lane]);
-      const int bad = !is_finite(k4.x) ? 0 : !is_finite(k4.y) ? 1 : !is_finite(k4.z) ? 2 : !is_finite(k4.w) ? 3 : BLOCK_N;
-      const int first_bad = __reduce_min_sync(0xFFFFFFFF, bad == BLOCK_N ? BLOCK_N : 4 * lane + bad);
-      if (first_bad < BLOCK_N) {
+      const float probe = fmaf(k4.x, 0.f, k4.y * 0.f) + fmaf(k4.z, 0.f, k4.w * 0.f);  // NaN iff one is not finite
+      if (__any_sync(0xFFFFFFFF, probe != probe)) {  // rare: the block holds such a key
+        const int bad = !is_finite(k4.x) ? 0 : !is_finite(k4.y) ? 1 : !is_finite(k4.z) ? 2 : !is_finite(k4.w) ? 3 : BLOCK_N;
+        const int first_bad = __reduce_min_sync(0xFFFFFFFF, bad == BLOCK_N ? BLOCK_N : 4 * lane + bad);
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) poison[hh] = !CAUSAL || j * BLOCK_N + first_bad <= r0 + 8 * hh + shift;
+        for (int hh = 0; hh < 2; ++hh) poisoned[hh] |= !CAUSAL || j * BLOCK_N + first_bad <= r0 + 8 * hh + shift;
       }
     } else {
 #pragma unroll
@@ -487,8 +488,7 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
     // product; its row sums are 448 * l, which the epilogue divides out
     const float m_exp[2] = {LOG2_P_SCALE - m_safe[0], LOG2_P_SCALE - m_safe[1]};
     // the factor from s to exp2 units, per row and 64-key half
-    const float qs[2] = {poison[0] ? __int_as_float(0x7FC00000) : q.scale[0],
-                         poison[1] ? __int_as_float(0x7FC00000) : q.scale[1]};
+    const float* qs = q.scale;
     const float to_exp[2][2] = {{qs[0] * group[0], qs[0] * group[1]}, {qs[1] * group[0], qs[1] * group[1]}};
     float rowsum[2] = {0.f, 0.f};
     uint32_t pa[4][4];
@@ -547,8 +547,9 @@ __global__ void __launch_bounds__(THREADS, ctas_per_sm<D>()) sage_attention_hopp
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     l[hh] = quad_sum(l_part[hh]);
+    if (PER_THREAD && poisoned[hh]) l[hh] = __int_as_float(0x7FC00000);
     has_keys[hh] = l[hh] > 0.f || l[hh] != l[hh];
-    inv_l[hh] = __frcp_rn(l[hh] > 0.f ? l[hh] : 1.f);
+    inv_l[hh] = __frcp_rn(l[hh] > 0.f || l[hh] != l[hh] ? l[hh] : 1.f);
   }
   T* o_head = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
   // One row at a time, so that its bounds check and address are computed once: a check per store made the
