@@ -50,6 +50,7 @@ PER_THREAD = QuantConfig(qk_granularity="per_thread")  # the official SageAttent
 
 
 # the Triton kernel tests' input makers and metric (tests/ is on sys.path under pytest's default import mode)
+from conftest import poisoned_allocations  # noqa: E402
 from test_kernels_gpu import make, outlier_inputs, rel_l1  # noqa: E402
 
 
@@ -194,38 +195,93 @@ def test_kernel_only_entry_points_used_by_the_benchmark():
     assert all(torch.equal(a, b) for a, b in zip(copies, (q, k, v), strict=True))
 
 
+# The preprocessing made to stall 200 us after it lets the attention kernel start and before it writes
+# anything: long enough that an attention kernel reading K/V before its wait would read the NaN poison.
+STALL = (
+    "allow_dependent_grid();",
+    'allow_dependent_grid();\n  { unsigned long long t0, t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));\n'
+    '    do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); while (t - t0 < 200000ull); }',
+)
+NO_WAIT = ("wait_for_prior_grid();", "(void)0;")
+_edited_kernels: dict = {}
+
+
+def load_edited(monkeypatch, edits):
+    """kernels.load with the sources in `edits` ({file: (old, new)}) edited before compiling."""
+    from quantattn.hopper import compiler, driver, kernels
+
+    real_load = kernels.load
+
+    def load(spec, device):
+        if spec.source not in edits:
+            return real_load(spec, device)
+        key = (spec.name, edits[spec.source])
+        if key not in _edited_kernels:
+            old, new = edits[spec.source]
+            text = (compiler.HERE / spec.source).read_text()
+            assert old in text, f"{spec.source} no longer has {old!r}"
+            cubin, lowered = compiler.compile_cubin(text.replace(old, new), spec.name, spec.source)
+            kernel = driver.get_kernel(driver.load_library(cubin), lowered)
+            if spec.shared_bytes > 48 * 1024:
+                driver.set_attribute(
+                    kernel, driver.FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, spec.shared_bytes, device
+                )
+            if spec.non_portable_cluster:
+                driver.set_attribute(kernel, driver.FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1, device)
+            _edited_kernels[key] = kernel
+        return _edited_kernels[key]
+
+    monkeypatch.setattr(kernels, "load", load)
+
+
 def overlapped_and_serial(q, k, v, cfg, causal, monkeypatch):
     """(out, lse) of the whole call with the attention kernel launched to overlap the preprocessing's end,
-    then with the two kernels one after the other; asserts the overlapped launch happened."""
+    and with the two kernels one after the other; asserts the overlapped launch happened. The serial call
+    runs first: a first call compiles the attention kernel between the two launches, long after the
+    preprocessing has ended (which made an earlier form of this test unable to fail)."""
     from quantattn.hopper import driver
 
     launches, resident = [], []
     real_overlapped, real_cluster = driver.launch_after_prior_grid, driver.launch_cluster
     monkeypatch.setattr(driver, "launch_after_prior_grid", lambda *a: launches.append(a) or real_overlapped(*a))
     monkeypatch.setattr(driver, "launch_cluster", lambda *a: resident.append(a) or real_cluster(*a))
-    overlapped = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, config=cfg, backend="hopper")
+    overlap = settings.current
+    monkeypatch.setattr(settings, "current", overlap.replace(hopper_overlap=False))
+    with poisoned_allocations():
+        serial = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, config=cfg, backend="hopper")
+    assert not launches
+    monkeypatch.setattr(settings, "current", overlap.replace(hopper_overlap=True))
+    with poisoned_allocations():
+        overlapped = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, config=cfg, backend="hopper")
     # the resident preprocessing (a cluster launch) and only it is overlapped; 8-CTA clusters always fit
-    assert len(launches) == len(resident) and (resident or k.shape[2] > 1024)
-    monkeypatch.setattr(settings, "current", settings.current.replace(hopper_overlap=False))
-    serial = qa.sageattn(q, k, v, is_causal=causal, return_lse=True, config=cfg, backend="hopper")
-    assert len(launches) == len(resident) // 2
+    assert 2 * len(launches) == len(resident) and (resident or k.shape[2] > 1024)
     return overlapped, serial
 
 
 @pytest.mark.parametrize("cfg", [DEFAULT, PER_THREAD], ids=lambda c: c.qk_granularity)
 @pytest.mark.parametrize("n,d", [(1000, 128), (2048, 64), (5000, 128)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_overlapped_launch_reads_keys_after_the_preprocessing(n, d, causal, cfg, poison_empty, monkeypatch):
+def test_overlapped_launch_reads_keys_after_the_preprocessing(n, d, causal, cfg, monkeypatch):
     """The attention kernel launched to start while the K/V preprocessing ends (programmatic dependent
     launch) reads the preprocessing's output (K, V, the scales, smooth K's vector for lse) only after it
-    has ended: bit for bit the result of the two kernels one after the other. Every buffer is NaN-filled
-    when allocated, so a read before the preprocessing's write would show as NaN; with one KV head, the
-    attention kernel's first CTAs read what the preprocessing writes last. (5000 keys take the ticketed
-    preprocessing, after which the launch does not overlap: the two results must still agree.)"""
+    has ended: bit for bit the result of the two kernels one after the other, with a preprocessing that
+    stalls before writing anything and buffers NaN-filled when allocated, so that an early read shows
+    (the next test shows that it would). 5000 keys take the ticketed preprocessing, after which the launch
+    does not overlap: the two results must still agree."""
+    load_edited(monkeypatch, {"preprocess.cu": STALL})
     q, k, v = inputs(95, 1, 2, 1, n, n, d)
     (out, lse), (want, want_lse) = overlapped_and_serial(q, k, v, cfg, causal, monkeypatch)
     assert torch.isfinite(want).all() and torch.isfinite(want_lse).all()
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+def test_without_its_wait_the_overlapped_attention_reads_unwritten_keys(monkeypatch):
+    """The negative control of the test above: with the attention kernel's waits removed, the same call
+    reads the preprocessing's buffers before they are written, and the result differs."""
+    load_edited(monkeypatch, {"preprocess.cu": STALL, "attention.cu": NO_WAIT})
+    q, k, v = inputs(95, 1, 2, 1, 1000, 1000, 128)
+    (out, _), (want, _) = overlapped_and_serial(q, k, v, DEFAULT, False, monkeypatch)
+    assert torch.isfinite(want).all() and not torch.equal(out, want)
 
 
 def test_a_refused_overlapped_launch_falls_back_once(monkeypatch, caplog):

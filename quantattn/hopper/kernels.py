@@ -120,12 +120,12 @@ class _Loaded:
     def __init__(self, kernel: int):
         self.kernel = kernel
         self.configured: set[int] = set()  # devices whose attributes are set
-        self.cluster_fits: dict[tuple[int, int], bool] = {}  # (device, cluster size) -> can run
 
 
 _lock = threading.Lock()
 _key_locks: dict[str, threading.Lock] = {}
 _loaded: dict[str, _Loaded] = {}
+_cluster_fits: dict[tuple[str, int, int], bool] = {}  # (spec key, device, cluster size) -> can run
 
 
 def load(spec: Spec, device: int) -> int:
@@ -160,10 +160,8 @@ def load(spec: Spec, device: int) -> int:
 
 def cluster_fits(spec: Spec, device: int, cluster: int) -> bool:
     """Whether the GPU can run `spec` in clusters of `cluster` CTAs (asked once per size and device)."""
-    kernel = load(spec, device)
-    loaded = _loaded[spec.key]
-    fits = loaded.cluster_fits.get((device, cluster))
+    fits = _cluster_fits.get((spec.key, device, cluster))
     if fits is None:
-        n = driver.max_active_clusters(kernel, PREPROCESS_THREADS, spec.shared_bytes, cluster)
-        fits = loaded.cluster_fits[(device, cluster)] = n > 0
+        n = driver.max_active_clusters(load(spec, device), PREPROCESS_THREADS, spec.shared_bytes, cluster)
+        fits = _cluster_fits[(spec.key, device, cluster)] = n > 0
     return fits
